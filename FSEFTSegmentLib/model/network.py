@@ -1,0 +1,96 @@
+"""The FSEFT foundation network: MONAI's Swin-UNETR, made exact to the released checkpoint.
+
+Two differences from `monai.networks.nets.SwinUNETR`, both needed for the paper's weights:
+- patch merging concatenates the 2x2x2 sub-grids in MONAI 0.9.1's order (two sub-grids repeat,
+  two never appear); the weights were trained with it and current MONAI's order is off by ~0.1;
+- the head is a plain `classifier` Conv3d (the paper's name) and is kept apart from the body, so
+  `features()` gives the 48-channel `decoder1` output that black-box adapters consume and the
+  frozen body can run once while heads run many times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a checkpoint needs besides its tensors: network shape and the space it was trained in."""
+
+    feature_size: int = 48
+    out_channels: int = 29
+    in_channels: int = 1
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    patch_size: int = 96
+    spacing_mm: float = 1.5
+    hu_window: tuple[float, float] = (-175.0, 250.0)
+    class_names: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Architecture":
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        for key in ("depths", "num_heads", "hu_window", "class_names"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PatchMerging091(PatchMergingV2):
+    """Patch merging in MONAI 0.9.1's sub-grid order, as (d, h, w) offsets of `x[:, d::2, h::2, w::2]`."""
+
+    ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"PatchMerging091 expects (B, D, H, W, C), got {tuple(x.shape)}")
+        d, h, w = x.shape[1:4]
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.ORDER], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class FoundationSwinUNETR(SwinUNETR):
+    """Swin-UNETR body (`swinViT`, `encoder*`, `decoder*`) plus a separate 1x1x1 `classifier` head."""
+
+    def __init__(self, architecture: Architecture = Architecture()):
+        super().__init__(
+            in_channels=architecture.in_channels,
+            out_channels=architecture.out_channels,
+            feature_size=architecture.feature_size,
+            depths=architecture.depths,
+            num_heads=architecture.num_heads,
+            downsample=PatchMerging091,
+            normalize=True,
+        )
+        self.architecture = architecture
+        del self.out  # MONAI's UnetOutBlock; replaced by the paper's plain head below
+        self.classifier = nn.Conv3d(architecture.feature_size, architecture.out_channels, kernel_size=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The `decoder1` output (feature_size channels at the input's resolution)."""
+        self._check_input_size(x.shape[2:])
+        hidden = self.swinViT(x, self.normalize)
+        enc0 = self.encoder1(x)
+        enc1 = self.encoder2(hidden[0])
+        enc2 = self.encoder3(hidden[1])
+        enc3 = self.encoder4(hidden[2])
+        dec4 = self.encoder10(hidden[4])
+        dec3 = self.decoder5(dec4, hidden[3])
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        dec0 = self.decoder2(dec1, enc1)
+        return self.decoder1(dec0, enc0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every output channel (one sigmoid each: structures may overlap)."""
+        return self.classifier(self.features(x))
