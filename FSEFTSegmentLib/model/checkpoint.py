@@ -1,0 +1,111 @@
+"""Safe, strict checkpoint reading for the foundation network.
+
+Accepts what users actually meet: a raw state dict or one wrapped under `state_dict`/`net`/`model`,
+DDP's `module.` prefix, the head named `classifier` or MONAI's `out.conv.conv`, `.pt/.pth` or
+`.safetensors`. Never executes pickled code (`weights_only=True`), and is strict where the paper's
+loader is not: a missing, unexpected or mis-shaped key is an error that lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from .network import Architecture, FoundationSwinUNETR
+
+WRAPPER_KEYS = ("state_dict", "net", "model")
+KEY_RENAMES = ((re.compile(r"^module\."), ""), (re.compile(r"^out\.conv\.conv\."), "classifier."))
+MAX_LISTED_KEYS = 6
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The file's tensors with canonical key names, without running any code it may contain."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("no such checkpoint file", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise ModelError(f"refused: the checkpoint holds pickled objects, not plain tensors ({first_line[:120]})", path) from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise ModelError(f"not a readable PyTorch or safetensors checkpoint ({type(error).__name__})", path) from None
+    for wrapper in WRAPPER_KEYS:
+        if isinstance(raw, dict) and wrapper in raw and isinstance(raw[wrapper], dict):
+            raw = raw[wrapper]
+            break
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ModelError("does not contain a state dict of tensors", path)
+    return {_canonical_key(key): value for key, value in raw.items()}
+
+
+def _canonical_key(key: str) -> str:
+    for pattern, replacement in KEY_RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+def infer_architecture(tensors: dict[str, torch.Tensor], defaults: Architecture = Architecture(), path=None) -> Architecture:
+    """Feature size, channels, depths and heads read off the tensor shapes; the rest from `defaults`."""
+    try:
+        embed = tensors["swinViT.patch_embed.proj.weight"]
+        head = tensors["classifier.weight"]
+    except KeyError as missing:
+        raise ModelError(f"not a Swin-UNETR checkpoint: key {missing} is missing", path) from None
+    depths, heads = [], []
+    for stage in range(1, 5):
+        blocks = {int(m.group(1)) for k in tensors if (m := re.match(rf"swinViT\.layers{stage}\.0\.blocks\.(\d+)\.", k))}
+        table = tensors.get(f"swinViT.layers{stage}.0.blocks.0.attn.relative_position_bias_table")
+        if not blocks or table is None:
+            raise ModelError(f"not a Swin-UNETR checkpoint: stage {stage} has no transformer blocks", path)
+        depths.append(len(blocks))
+        heads.append(int(table.shape[1]))
+    values = defaults.to_dict()
+    values.update(
+        feature_size=int(embed.shape[0]),
+        in_channels=int(embed.shape[1]),
+        out_channels=int(head.shape[0]),
+        depths=tuple(depths),
+        num_heads=tuple(heads),
+    )
+    return Architecture.from_dict(values)
+
+
+def check_layout(tensors: dict[str, torch.Tensor], network: torch.nn.Module, path=None) -> None:
+    """Raise a ModelError listing every missing, unexpected or mis-shaped key."""
+    expected = network.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:MAX_LISTED_KEYS]) + (f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
+            problems.append(f"{len(keys)} {label}: {shown}")
+    if problems:
+        raise ModelError("wrong checkpoint layout: " + "; ".join(problems), path)
+
+
+def build_from_checkpoint(path: str | os.PathLike, defaults: Architecture = Architecture()) -> FoundationSwinUNETR:
+    """Read, check strictly and load a checkpoint into an eval-mode network on the CPU."""
+    tensors = read_tensors(path)
+    architecture = infer_architecture(tensors, defaults, path)
+    network = FoundationSwinUNETR(architecture)
+    check_layout(tensors, network, path)
+    network.load_state_dict(tensors, strict=True)
+    return network.eval()
