@@ -94,3 +94,12 @@ class FoundationSwinUNETR(SwinUNETR):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every output channel (one sigmoid each: structures may overlap)."""
         return self.classifier(self.features(x))
+
+
+def head_rows(classifier: nn.Conv3d, channels: list[int]) -> nn.Conv3d:
+    """A new 1x1x1 head holding copies of `classifier`'s rows `channels` (zero-shot head)."""
+    head = nn.Conv3d(classifier.in_channels, len(channels), kernel_size=1).to(classifier.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(classifier.weight[channels])
+        head.bias.copy_(classifier.bias[channels])
+    return head
