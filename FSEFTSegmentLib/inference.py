@@ -33,6 +33,7 @@ class InferenceSettings:
     threshold: float = 0.5
     largest_component: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = False  # channels-last 3D memory layout for the convolutions
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -82,6 +83,8 @@ class SegmentationPredictor:
         progress: Progress | None = None,
     ):
         self.network = network.eval().to(device)
+        if settings.channels_last:
+            self.network.to(memory_format=torch.channels_last_3d)
         self.device = device
         self.settings = settings
         self.progress = progress or Progress()
@@ -89,6 +92,8 @@ class SegmentationPredictor:
 
     def _window_fn(self, heads: Sequence[nn.Module], on_window: Callable[[int], None]):
         def run(windows: torch.Tensor) -> torch.Tensor:
+            if self.settings.channels_last:
+                windows = windows.contiguous(memory_format=torch.channels_last_3d)
             features = self.network.features(windows)
             logits = torch.cat([head(features) for head in heads], dim=1).float()
             on_window(windows.shape[0])

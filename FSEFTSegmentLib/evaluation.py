@@ -1,0 +1,326 @@
+"""Compare a predicted segmentation with a reference: Dice, surface Dice, HD95 and volumes.
+
+`fseft evaluate --pred P --ref R [--structure NAME=VALUE ...]` is a thin face over `evaluate`.
+
+Metrics (MONAI, on the reference's grid, distances in mm from the image spacing, so
+anisotropic voxels count at their true size):
+
+* Dice: the standard 2|P∩G| / (|P| + |G|). The paper's Dice adds +1 to numerator and
+  denominator (smoothing); we do not, so a tiny structure is not flattered.
+* surface Dice (normalized surface distance, Nikolov et al.): the fraction of both surfaces
+  lying within `tolerance_mm` of the other surface (MONAI `compute_surface_dice`).
+* HD95: the 95th percentile of surface-to-surface distances, the larger of the two
+  directions (MONAI `compute_hausdorff_distance`, percentile=95), in mm.
+* volumes: voxel counts times the reference voxel volume, in ml.
+
+Empty masks, where MONAI answers nan: both empty -> Dice 1, surface Dice 1, HD95 0 (the
+prediction is exactly right: nothing there); one empty -> Dice 0, surface Dice 0, HD95 inf
+(no surface to measure to). inf is printed as "inf", written to JSON as null and to CSV as "inf".
+
+Grids: a prediction on another grid (size, spacing, origin or direction differing beyond float
+round-off) is resampled onto the reference grid with nearest neighbour, with a warning; one that
+does not overlap the reference physically at all is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .io.files import atomic_write
+from .io.segmentations import read_structure_mask
+from .labels import resolve_structure
+from .progress import Progress
+
+Selector = tuple[str, str, str]  # (structure name, prediction selector, reference selector)
+
+
+@dataclass
+class StructureScore:
+    name: str
+    dice: float
+    surface_dice: float
+    hd95_mm: float
+    pred_voxels: int
+    ref_voxels: int
+    pred_volume_ml: float
+    ref_volume_ml: float
+
+
+# ----------------------------------------------------------------------------- selectors
+
+
+def _is_seg(path: str | os.PathLike) -> bool:
+    """A Slicer segmentation: `.seg.nrrd`, or any NRRD whose header has segment fields (as the reader decides)."""
+    name = os.fspath(path).lower()
+    if name.endswith(".seg.nrrd"):
+        return True
+    if not name.endswith((".nrrd", ".nhdr")):
+        return False
+    import nrrd
+
+    try:
+        return any(key.startswith("Segment0_") for key in nrrd.read_header(os.fspath(path)))
+    except Exception:  # noqa: BLE001 - unreadable: the reader will say so
+        return False
+
+
+def _as_selector(text: str) -> int | str:
+    """A digit string is a label value (int); anything else a segment name."""
+    return int(text) if text.isdigit() else text
+
+
+def parse_structure_selectors(specs: Sequence[str]) -> list[Selector]:
+    """Turn `--structure` options into (name, prediction selector, reference selector).
+
+    The rule:
+
+    * `NAME=VALUE` (e.g. `liver=5`): the reference is selected by VALUE; the prediction by the
+      segment named NAME (a `.seg.nrrd`, also trying the structure's canonical and display names),
+      falling back to VALUE if it has no such segment or is a label map.
+      Returned as (NAME, NAME, VALUE); the fallback happens in `evaluate`.
+    * `NAME=PRED:REF` (e.g. `liver=1:5`, `liver=Liver:5`): explicit, when the two files number or
+      name the structure differently. PRED/REF are a label value (digits) or a segment name; no
+      fallback.
+    * `NAME` alone: the segment NAME in both files (both must be `.seg.nrrd`).
+
+    A label-map file can only be selected by a value; a name there is refused in `evaluate`.
+    """
+    selectors: list[Selector] = []
+    for spec in specs:
+        name, eq, value = (part.strip() for part in spec.partition("="))
+        pred, colon, ref = (part.strip() for part in value.partition(":"))
+        if not name or (eq and not value) or (colon and not (pred and ref)):
+            raise InputError(f"--structure {spec!r}: expected NAME=VALUE, NAME=PRED:REF or NAME (e.g. liver=5)")
+        if any(name == s[0] for s in selectors):
+            raise InputError(f"--structure {spec!r}: structure {name!r} given twice")
+        selectors.append((name, pred, ref) if colon else (name, name, value or name))
+    return selectors
+
+
+def default_selectors(pred_path: str | os.PathLike, ref_path: str | os.PathLike) -> list[Selector]:
+    """With no `--structure`: every segment of a `.seg.nrrd` prediction that names a known structure
+    (reported under its canonical name).
+
+    Only a `.seg.nrrd` reference can then be matched (by the same segment name): a label map's
+    values say nothing about names, and guessing them would score the wrong organ silently.
+    """
+    if not _is_seg(pred_path):
+        raise InputError("a label-map prediction needs --structure NAME=VALUE for each structure", pred_path)
+    import slicerio
+
+    try:
+        names = [s["name"] for s in slicerio.read_segmentation(os.fspath(pred_path), skip_voxels=True)["segments"]]
+    except Exception as error:  # noqa: BLE001 - any reading failure is the file's fault
+        raise InputError(f"cannot read segmentation ({error})", pred_path) from error
+    selectors = []
+    for name in names:
+        try:
+            structure = resolve_structure(name)
+        except (InputError, LookupError, ValueError):
+            continue
+        selectors.append((structure.name, name, name))
+    if not selectors:
+        raise InputError("no segment names a known structure; give --structure NAME=VALUE", pred_path)
+    if not _is_seg(ref_path):
+        first = selectors[0][0]
+        raise InputError(f"the reference is a label map: give each structure's value with --structure NAME=VALUE (e.g. {first}=5)", ref_path)
+    return selectors
+
+
+def _ref_mask(path: str | os.PathLike, name: str, selector: str) -> sitk.Image:
+    if not selector.isdigit() and not _is_seg(path):
+        raise InputError(f"a label map is selected by value: give --structure {name}=VALUE", path)
+    return read_structure_mask(path, _as_selector(selector))
+
+
+def _pred_mask(path: str | os.PathLike, name: str, pred: str, ref: str, progress: Progress) -> sitk.Image:
+    """Read the prediction's mask, applying the NAME=VALUE fallback described in the parser."""
+    implicit = pred == name and ref != name
+    candidates = [pred]
+    if implicit:
+        try:
+            structure = resolve_structure(name)
+            candidates += [structure.name, structure.display_name]
+        except (InputError, LookupError, ValueError):
+            pass
+        candidates.append(ref)
+    if not _is_seg(path):
+        candidates = [c for c in candidates if c.isdigit()]
+        if not candidates:
+            raise InputError(f"a label map is selected by value: give --structure {name}=VALUE or {name}=PRED:REF", path)
+    candidates = list(dict.fromkeys(candidates))
+    last: InputError | None = None
+    for candidate in candidates:
+        try:
+            mask = read_structure_mask(path, _as_selector(candidate))
+        except InputError as error:
+            last = error
+            continue
+        if implicit and _is_seg(path) and candidate == ref:
+            progress.warning(f"{os.fspath(path)}: no segment named '{name}'; using label value {ref}")
+        return mask
+    if len(candidates) == 1:
+        raise last  # type: ignore[misc]
+    raise InputError(f"no segment or label for '{name}' (tried {', '.join(candidates)})", path) from last
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """Equal up to float round-off (NIfTI stores float32): 1e-3 mm, far below any voxel."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5, atol=1e-6)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-3)
+        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-5)
+    )
+
+
+def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned physical bounds of the image's voxels (outer faces, not centres)."""
+    corners = itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(c) for c in corners])
+    return points.min(axis=0), points.max(axis=0)
+
+
+def match_grid(pred: sitk.Image, ref: sitk.Image, pred_path: str | os.PathLike = "") -> tuple[sitk.Image, str | None]:
+    """The prediction on the reference grid, and a note when it had to be resampled."""
+    if pred.GetDimension() != ref.GetDimension():
+        raise InputError(f"prediction is {pred.GetDimension()}D, reference {ref.GetDimension()}D", pred_path or None)
+    if _same_grid(pred, ref):
+        return pred, None
+    (plo, phi), (rlo, rhi) = _physical_box(pred), _physical_box(ref)
+    if np.any(phi <= rlo) or np.any(rhi <= plo):
+        raise InputError("prediction and reference do not overlap in space (different scans?)", pred_path or None)
+    resampled = sitk.Resample(pred, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    note = (
+        f"prediction grid {pred.GetSize()} @ {tuple(round(s, 3) for s in pred.GetSpacing())} mm differs from the "
+        f"reference {ref.GetSize()} @ {tuple(round(s, 3) for s in ref.GetSpacing())} mm: resampled (nearest neighbour)"
+    )
+    return resampled, note
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays cut to the union's bounding box plus one voxel: same metrics, far less memory."""
+    union = pred | ref
+    slices = []
+    for axis in range(union.ndim):
+        hits = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        slices.append(slice(max(hits[0] - 1, 0), hits[-1] + 2))
+    return pred[tuple(slices)], ref[tuple(slices)]
+
+
+def score_masks(name: str, pred: sitk.Image, ref: sitk.Image, tolerance_mm: float = 2.0) -> StructureScore:
+    """Metrics of two binary masks on the same grid (the reference's spacing is used)."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+    import torch
+
+    p = sitk.GetArrayViewFromImage(pred) > 0
+    r = sitk.GetArrayViewFromImage(ref) > 0
+    voxel_ml = float(np.prod(ref.GetSpacing())) / 1000.0
+    n_pred, n_ref = int(p.sum()), int(r.sum())
+    score = StructureScore(name, 1.0, 1.0, 0.0, n_pred, n_ref, n_pred * voxel_ml, n_ref * voxel_ml)
+    if n_pred == 0 or n_ref == 0:
+        if n_pred or n_ref:
+            score.dice, score.surface_dice, score.hd95_mm = 0.0, 0.0, math.inf
+        return score
+    p, r = _crop_to_union(p, r)
+    y_pred, y = (torch.from_numpy(np.ascontiguousarray(a))[None, None].float() for a in (p, r))
+    spacing = tuple(ref.GetSpacing())[::-1]  # numpy axes are (z, y, x)
+    with warnings.catch_warnings():  # MONAI deprecation chatter, not the user's business
+        warnings.simplefilter("ignore")
+        score.dice = float(compute_dice(y_pred, y, include_background=True))
+        score.surface_dice = float(
+            compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=True, spacing=spacing)
+        )
+        score.hd95_mm = float(compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing))
+    return score
+
+
+def evaluate(
+    pred_path: str | os.PathLike,
+    ref_path: str | os.PathLike,
+    selectors: Sequence[Selector],
+    tolerance_mm: float = 2.0,
+    progress: Progress | None = None,
+) -> list[StructureScore]:
+    """Score each selected structure of the prediction against the reference.
+
+    `selectors` come from `parse_structure_selectors`; empty means `default_selectors`. Warnings
+    (resampling, a name fallback) go to `progress.warning`, i.e. always reach the user.
+    """
+    progress = progress or Progress()
+    if not tolerance_mm > 0:
+        raise InputError(f"surface Dice tolerance must be positive, got {tolerance_mm} mm")
+    for path in (pred_path, ref_path):
+        if not os.path.isfile(path):
+            raise InputError("file not found", path)
+    selectors = list(selectors) or default_selectors(pred_path, ref_path)
+    scores, warned = [], False
+    for name, pred_selector, ref_selector in selectors:
+        ref = _ref_mask(ref_path, name, ref_selector)
+        pred = _pred_mask(pred_path, name, pred_selector, ref_selector, progress)
+        pred, note = match_grid(pred, ref, pred_path)
+        if note and not warned:
+            progress.warning(note)
+            warned = True
+        scores.append(score_masks(name, pred, ref, tolerance_mm))
+    return scores
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+def scores_table(scores: Sequence[StructureScore]) -> str:
+    """An aligned text table for the screen (no trailing newline)."""
+    header = ("structure", "Dice", "surfDice", "HD95 mm", "pred ml", "ref ml", "pred vox", "ref vox")
+    rows = [
+        (s.name, _fmt(s.dice, 4), _fmt(s.surface_dice, 4), _fmt(s.hd95_mm, 2), _fmt(s.pred_volume_ml, 2),
+         _fmt(s.ref_volume_ml, 2), str(s.pred_voxels), str(s.ref_voxels))
+        for s in scores
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _json_safe(score: StructureScore) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(score).items()}
+
+
+def write_scores_json(path: str | os.PathLike, scores: Sequence[StructureScore], meta: dict[str, Any] | None = None) -> None:
+    """`{"meta": {...}, "structures": [{...}, ...]}`, inf as null (strict JSON), written atomically."""
+    text = json.dumps({"meta": meta or {}, "structures": [_json_safe(s) for s in scores]}, indent=2, allow_nan=False, default=str)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def write_scores_csv(path: str | os.PathLike, scores: Sequence[StructureScore]) -> None:
+    """One row per structure, the `StructureScore` fields as columns (inf as "inf"), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([f.name for f in fields(StructureScore)])
+    writer.writerows([getattr(s, f.name) for f in fields(StructureScore)] for s in scores)
+    with atomic_write(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
