@@ -59,6 +59,8 @@ def cmd_predict(args) -> int:
     predictor = SegmentationPredictor(network, device, settings, progress)
     progress.info(f"segmenting {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} on {device} ({len(structures)} structures)")
     result = predict_studies(predictor, [head_rows(network.classifier, channels)], structures, studies, Path(args.out), formats, progress)
+    if len(studies) == 1 and result.failures:
+        raise JobFailed(next(iter(result.failures.values())))
     if result.failures:
         raise JobFailed(f"{len(result.failures)} of {len(studies)} studies failed")
     return 0

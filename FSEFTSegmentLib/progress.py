@@ -47,12 +47,21 @@ class JsonProgress(Progress):
 
 
 class BarProgress(Progress):
-    """A single rewritten status line on stderr; finished studies and messages on their own lines."""
+    """A single rewritten status line on stderr; finished studies and messages on their own lines.
+
+    For a one-study run the per-study outcome and the summary are left to the final message,
+    so a failure reads as one line.
+    """
 
     width = 30
+    studies = 0
 
     def emit(self, event: str, **fields: Any) -> None:
         stream = self.stream or sys.stderr
+        if event == "start":
+            self.studies = fields.get("studies", 0)
+        if event in ("study_failed", "summary") and self.studies == 1:
+            return
         if event == "progress":
             fraction = fields.get("fraction", 0.0)
             filled = int(round(fraction * self.width))

@@ -4,35 +4,10 @@ back onto the input's own grid for oblique and anisotropic inputs alike."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from FSEFTSegmentLib.model.network import Architecture
 from FSEFTSegmentLib.preprocessing import CTPreprocessing, image_to_tensor
-
-
-def body_phantom(size=(48, 40, 20), spacing=(1.2, 0.9, 4.0), direction=None, origin=(-30.0, 12.0, 7.0)):
-    """Air around a soft-tissue ellipsoid holding a bright sphere, on the given (possibly oblique) grid."""
-    image = sitk.Image(list(size), sitk.sitkFloat32)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    if direction is not None:
-        image.SetDirection(direction)
-    k, j, i = np.indices(tuple(reversed(size)), dtype=float)
-    centre = [(n - 1) / 2 for n in size]
-    body = ((i - centre[0]) / (0.4 * size[0])) ** 2 + ((j - centre[1]) / (0.4 * size[1])) ** 2 + ((k - centre[2]) / (0.45 * size[2])) ** 2 <= 1
-    physical = np.stack([(i - centre[0]) * spacing[0], (j - centre[1]) * spacing[1], (k - centre[2]) * spacing[2]])
-    organ = (physical**2).sum(0) <= 10.0**2
-    array = np.where(body, 40.0, -1000.0) + np.where(organ, 160.0, 0.0)
-    result = sitk.GetImageFromArray(array.astype(np.float32))
-    result.CopyInformation(image)
-    return result, organ
-
-
-def oblique_direction(degrees=20.0):
-    angle = np.deg2rad(degrees)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    tilt = np.array([[1, 0, 0], [0, np.cos(angle / 2), -np.sin(angle / 2)], [0, np.sin(angle / 2), np.cos(angle / 2)]])
-    return tuple((rotation @ tilt).ravel())
+from synthetic import body_phantom, oblique_direction
 
 
 def test_image_to_tensor_uses_ras_affine():

@@ -1,0 +1,68 @@
+"""Shared fixtures. `mrml_scene`: real Slicer MRML, headless, from the PyPI `slicer-core` wheel.
+
+Tests that must prove "Slicer reads what we write" load our files with Slicer's own storage
+nodes instead of trusting our reader. Bootstrap as in shared/notes/slicer-facts.md, section A.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
+    sys.path.insert(0, str(ROOT))
+
+#: Shared test data (never committed): ../shared/data from the project root, as the data README says.
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def mrml_scene():
+    """A fresh MRML scene with the application, Colors, Volumes, Segmentations and SubjectHierarchy
+    logics registered, plus the `slicer.mrmlScene` / `slicer.modules` stand-ins that slicer.util's
+    array helpers need. The logics are on `slicer.modules.<name>.logic()`. Skips without slicer-core."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    colors = app_logic.GetColorLogic()
+    colors.SetMRMLScene(scene)
+    colors.AddDefaultColorNodes()
+    app_logic.SetModuleLogic("Colors", colors)
+    logics = {}
+    for name, cls in (
+        ("Volumes", slicer.vtkSlicerVolumesLogic),
+        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),  # its SetMRMLScene registers the converters
+        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+    ):
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app_logic)
+        app_logic.SetModuleLogic(name, logic)
+        logics[name] = logic
+
+    def module(logic):
+        return types.SimpleNamespace(logic=lambda: logic)
+
+    saved = {name: getattr(slicer, name) for name in ("mrmlScene", "modules") if hasattr(slicer, name)}
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        colors=module(colors),
+        volumes=module(logics["Volumes"]),
+        segmentations=module(logics["Segmentations"]),
+        subjecthierarchy=module(logics["SubjectHierarchy"]),
+    )
+    scene.app_logic = app_logic  # keep the application logic alive as long as the scene
+    try:
+        yield scene
+    finally:
+        scene.Clear(1)
+        for name in ("mrmlScene", "modules"):
+            if name in saved:
+                setattr(slicer, name, saved[name])
+            elif hasattr(slicer, name):
+                delattr(slicer, name)
