@@ -47,7 +47,7 @@ class JsonProgress(Progress):
 
 
 class BarProgress(Progress):
-    """A single rewritten status line on stderr; finished studies and messages on their own lines.
+    """A single rewritten status line on stderr (on a terminal); messages on their own lines.
 
     For a one-study run the per-study outcome and the summary are left to the final message,
     so a failure reads as one line.
@@ -55,23 +55,25 @@ class BarProgress(Progress):
 
     width = 30
     studies = 0
+    line_open = False
 
     def emit(self, event: str, **fields: Any) -> None:
         stream = self.stream or sys.stderr
         if event == "start":
             self.studies = fields.get("studies", 0)
-        if event in ("study_failed", "summary") and self.studies == 1:
-            return
         if event == "progress":
-            fraction = fields.get("fraction", 0.0)
-            filled = int(round(fraction * self.width))
-            label = fields.get("study") or ""
-            text = f"\r{label[:30]:30} [{'#' * filled}{'.' * (self.width - filled)}] {fraction:6.1%} {fields.get('message', '')[:40]:40}"
-            stream.write(text)
+            if stream.isatty():
+                fraction = fields.get("fraction", 0.0)
+                filled = int(round(fraction * self.width))
+                label = str(fields.get("study") or "")[:30]
+                stream.write(f"\r{label:30} [{'#' * filled}{'.' * (self.width - filled)}] {fraction:6.1%} {fields.get('message', '')[:40]:40}")
+                self.line_open = True
         elif event in ("info", "study_done", "study_failed", "summary"):
-            stream.write("\r" + " " * 110 + "\r")
+            if self.line_open:
+                stream.write("\r" + " " * 110 + "\r")
+                self.line_open = False
             message = fields.get("message")
-            if message:
+            if message and not (event in ("study_failed", "summary") and self.studies == 1):
                 stream.write(message + "\n")
         stream.flush()
 

@@ -1,0 +1,278 @@
+"""FSEFT Segment: CT organ segmentation with the FSEFT foundation model, inside 3D Slicer.
+
+A thin face over `FSEFTSegmentLib`: the engine runs in its own PythonSlicer process (torch never enters
+Slicer's, a crash or cancel cannot take Slicer down); `jobs.py` follows it, `scene.py` moves the data."""
+
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "FSEFTSegmentLib")) and _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)  # a source checkout: the engine sits beside this folder
+
+from FSEFTSegmentLib import scene  # noqa: E402  (needs the path above)
+from FSEFTSegmentLib.jobs import (JobState, PredictionJob, missing_requirements, model_names,  # noqa: E402
+                                  python_executable)
+
+
+class FSEFTSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        parent.title = "FSEFT Segment"
+        parent.categories = ["Segmentation"]
+        parent.contributors = ["FSEFTSegment developers (https://github.com/fseft)"]
+        parent.helpText = (
+            "Segments abdominal and thoracic organs in CT with a volumetric foundation model, on one volume"
+            " or a batch. The model runs in a separate process; Apply turns into Cancel while it runs."
+            ' See the <a href="https://github.com/fseft/SlicerFSEFTSegment#readme">README</a>.')
+        parent.acknowledgementText = (
+            "Method and model: J. Silva-Rodríguez, J. Dolz, I. Ben Ayed. Towards Foundation Models and Few-Shot"
+            " Parameter-Efficient Fine-Tuning for Volumetric Organ Segmentation. Medical Image Analysis 103"
+            " (2025) 103596.")
+
+
+@parameterNodeWrapper
+class FSEFTSegmentParameterNode:
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    structures: str = ""
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+
+
+class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Panel wiring only: inputs to `Logic.run`, job events to the progress bar and status line."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.job = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)  # drain job events; never a processEvents() loop
+        self.timer.timeout.connect(self.onTimer)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/FSEFTSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = FSEFTSegmentLogic()
+        self.ui.modelComboBox.addItems(self.logic.modelNames())
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.batchVolumesSelector.connect("checkedNodesChanged()", self.updateButtons)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.showState(JobState.IDLE, "")
+
+    def cleanup(self):
+        self.stopJob()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        self.stopJob()  # its volumes are gone: nothing to import into
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.inputVolume and firstVolume:
+            self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self.updateButtons()
+
+    def selectedVolumes(self):
+        checked = list(self.ui.batchVolumesSelector.checkedNodes())
+        if checked:
+            return checked
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        return [volume] if volume else []
+
+    def updateButtons(self, caller=None, event=None):
+        running = self.job is not None and not self.job.state.finished
+        cancelling = running and self.job.state is JobState.CANCELLING
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.enabled = not cancelling and (running or bool(self.selectedVolumes()))
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton):
+            widget.enabled = not running
+
+    def onApplyButton(self):
+        if self.job is not None and not self.job.state.finished:
+            self.job.cancel()
+            self.onTimer()
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+            if not self.logic.ensureDependencies():
+                return
+            p = self._parameterNode
+            self.job = self.logic.run(self.selectedVolumes(), self.ui.modelComboBox.currentText.strip(),
+                                      p.structures, p.device)
+            self.timer.start()
+        self.onTimer()
+
+    def onTimer(self, events=None):
+        if self.job is None:
+            return
+        for event in self.job.poll() if events is None else events:
+            kind, message = event["event"], str(event.get("message") or "")
+            if kind == "state":
+                self.showState(event["state"], message)
+            elif kind == "log":
+                logging.info(message)
+            elif message:
+                (logging.warning if kind in ("warning", "study_failed") else logging.info)(message)
+                self.ui.statusLabel.text = message
+        self.ui.progressBar.value = round(100 * self.job.fraction)
+        if self.job.state.finished:
+            self.timer.stop()
+            self.logic.removeTemporaryFiles()
+
+    def showState(self, state, message):
+        self.ui.statusLabel.text = message
+        self.ui.progressBar.visible = state is not JobState.IDLE
+        self.updateButtons()
+        if state is JobState.FAILED:
+            slicer.util.errorDisplay(f"Segmentation failed: {message}")
+
+    def stopJob(self):
+        """Cancel a running job and drain it until it has ended, so no process outlives the scene."""
+        if self.job is not None and not self.job.state.finished:
+            self.job.cancel()
+            self.onTimer(self.job.wait(timeout=self.job.grace_s + 5))
+
+
+class FSEFTSegmentLogic(ScriptedLoadableModuleLogic):
+    """Volumes out, engine run, segmentations back. No widgets, so scripts can use it too."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.temporaryFolder = None
+
+    def getParameterNode(self):
+        return FSEFTSegmentParameterNode(super().getParameterNode())
+
+    def modelNames(self):
+        try:
+            return model_names()
+        except (OSError, ValueError, KeyError) as error:
+            logging.warning(f"FSEFT Segment: cannot read the model list: {error}")
+            return []
+
+    def ensureDependencies(self):
+        """PyTorch through SlicerPyTorch (it picks the build for the GPU driver), then the engine's other
+        packages after consent; False when the user declines. Runs on the main thread, as pip must."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError("FSEFT Segment needs the PyTorch extension: install it from the Extensions Manager.") from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():  # reads package metadata, does not import torch
+            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.2") is None:  # as pyproject
+                return False
+        missing = missing_requirements()
+        if missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                    "FSEFT Segment needs these Python packages (a one-time download):\n\n"
+                    + "\n".join(missing) + "\n\nInstall them now?"):
+                return False
+            slicer.util.pip_install(missing)
+        return True
+
+    def run(self, volumeNodes, model, structures="", device="auto", waitForCompletion=False):
+        """Start the engine on `volumeNodes` and return the started job; each result is imported beside
+        its volume when the engine is done."""
+        if not volumeNodes:
+            raise ValueError("Select a volume to segment.")
+        self.removeTemporaryFiles()
+        self.temporaryFolder = tempfile.mkdtemp(prefix="FSEFTSegment-", dir=slicer.app.temporaryPath)
+        studyList, volumes = scene.export_studies(volumeNodes, self.temporaryFolder)
+        job = PredictionJob.predict(
+            [studyList], model, importer=lambda outputs: scene.import_results(slicer.mrmlScene, outputs, volumes),
+            out=os.path.join(self.temporaryFolder, "results"),
+            structures=[s.strip() for s in structures.split(",") if s.strip()], device=device,
+            python=python_executable())
+        job.start()
+        if waitForCompletion:
+            job.wait()
+            self.removeTemporaryFiles()
+        return job
+
+    def removeTemporaryFiles(self):
+        if self.temporaryFolder:
+            shutil.rmtree(self.temporaryFolder, ignore_errors=True)
+            self.temporaryFolder = None
+
+
+class FSEFTSegmentTest(ScriptedLoadableModuleTest):
+    """Fast self-test without a model: the scene round trip and a job driven by a stand-in engine."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_roundtrip_through_stand_in_engine()
+
+    def test_roundtrip_through_stand_in_engine(self):
+        """A volume goes out, a stand-in engine process "segments" it, the result comes back aligned."""
+        import numpy as np
+
+        if not importlib.util.find_spec("nrrd"):  # scene.py checks files with it (an engine package)
+            self.delayDisplay("Skipped: install the engine's packages first (press Apply once)")
+            return
+        volume = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), np.int16), np.diag([0.8, 0.9, 2.5, 1]), "CT")
+        mask = np.pad(np.ones((2, 2, 5), np.uint8), ((2, 2), (3, 2), (1, 2)))  # on the (6, 7, 8) grid
+        folder = tempfile.mkdtemp(dir=slicer.app.temporaryPath)
+        volumes = scene.export_studies([volume], folder)[1]
+        written = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentId = written.GetSegmentation().AddEmptySegment("liver", "liver", [0.8, 0.3, 0.2])
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, written, segmentId, volume)
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(os.path.join(folder, "CT.seg.nrrd"))
+        self.assertTrue(storage.WriteData(written))
+        slicer.mrmlScene.RemoveNode(written)
+        engine = "import json; print(json.dumps({'event': 'study_done', 'study': 'CT', 'outputs': [%r]}))"
+        job = PredictionJob([python_executable(), "-c", engine % storage.GetFileName()],
+                            importer=lambda outputs: scene.import_results(slicer.mrmlScene, outputs, volumes))
+        job.start()
+        job.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+        self.assertIs(job.state, JobState.COMPLETED, job.message)
+        result = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+        self.assertEqual(result.GetSegmentation().GetNthSegment(0).GetName(), "liver")
+        array = slicer.util.arrayFromSegmentBinaryLabelmap(result, result.GetSegmentation().GetNthSegmentID(0), volume)
+        self.assertTrue((array == mask).all())
+        self.delayDisplay("FSEFT Segment self-test passed")

@@ -1,0 +1,302 @@
+"""Run the engine in its own process and follow its JSON-lines progress: the widget's job runner.
+
+Slicer's process never imports torch and never blocks: `PredictionJob` starts
+`python -m FSEFTSegmentLib predict ... --progress json` in a new process group, a background thread
+turns its stdout into events on a queue, and the GUI drains them with `poll()` from a timer on the
+main thread (where the importer may touch the scene). States change only through a transition
+table, so the widget can trust them to drive its buttons. No Qt and no torch here: tests run it on
+real subprocesses.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding FSEFTSegmentLib
+
+# What the engine's interpreter needs beyond torch (installed through SlicerPyTorch, which picks the
+# build for the GPU driver) and beyond what Slicer ships (numpy, SimpleITK, pydicom: reinstalling
+# those breaks Slicer). Distribution name -> requirement; kept in step with pyproject.toml by a test.
+ENGINE_REQUIREMENTS = {"monai": "monai>=1.4,<2", "einops": "einops>=0.7", "safetensors": "safetensors>=0.4",
+                       "slicerio": "slicerio>=1.1", "pynrrd": "pynrrd>=1.0", "pyyaml": "pyyaml>=6"}
+
+
+class JobState(enum.Enum):
+    IDLE = "idle"
+    STARTING = "starting"
+    RUNNING = "running"
+    IMPORTING = "importing"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+_TRANSITIONS = {
+    JobState.IDLE: {JobState.STARTING},
+    JobState.STARTING: {JobState.RUNNING, JobState.FAILED},
+    JobState.RUNNING: {JobState.IMPORTING, JobState.COMPLETED, JobState.FAILED, JobState.CANCELLING},
+    JobState.IMPORTING: {JobState.COMPLETED, JobState.FAILED},
+    JobState.CANCELLING: {JobState.CANCELLED},
+    JobState.COMPLETED: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}
+
+
+class JobStateError(RuntimeError):
+    """An illegal state transition: a bug in the caller, not something the user did."""
+
+
+Importer = Callable[[dict[str, list[Path]]], None]
+
+
+def model_names() -> list[str]:
+    """Registered model names for a picker, read as plain JSON (the engine's registry imports torch).
+    Same file as the engine: `FSEFT_REGISTRY`, else Resources/models.json beside the engine."""
+    path = Path(os.environ.get("FSEFT_REGISTRY") or ENGINE_ROOT / "Resources" / "models.json").expanduser()
+    with open(path, encoding="utf-8") as file:
+        return [entry["name"] for entry in json.load(file)["models"]]
+
+
+def missing_requirements() -> list[str]:
+    """The engine requirements not installed in this interpreter (metadata only: nothing is imported)."""
+    installed = {(distribution.metadata["Name"] or "").lower() for distribution in metadata.distributions()}
+    return [spec for name, spec in ENGINE_REQUIREMENTS.items() if name not in installed]
+
+
+def python_executable() -> str:
+    """The interpreter for the engine: PythonSlicer inside Slicer (where sys.executable is the
+    application itself), else this interpreter."""
+    slicer = sys.modules.get("slicer")
+    if slicer is None or not hasattr(slicer, "app"):
+        return sys.executable
+    found = shutil.which("PythonSlicer")
+    if not found:
+        raise FileNotFoundError("PythonSlicer was not found next to Slicer (is the installation complete?)")
+    return found
+
+
+def predict_command(inputs: Iterable[str | os.PathLike], model: str, *, structures: Sequence[str] = (),
+                    out: str | os.PathLike | None = None, fmt: str = "seg.nrrd", device: str = "auto",
+                    python: str | None = None) -> list[str]:
+    """The engine's command line for `inputs`, always with JSON progress (the stream we parse)."""
+    command = [python or python_executable(), "-m", "FSEFTSegmentLib", "predict", "--model", model]
+    if structures:
+        command += ["--structures", ",".join(structures)]
+    if out is not None:
+        command += ["--out", os.fspath(out)]
+    command += ["--format", fmt, "--device", device, "--progress", "json"]
+    return command + [os.fspath(path) for path in inputs]
+
+
+def parse_line(line: str) -> dict | None:
+    """One stdout line as an event; anything not a JSON event (tracebacks, library noise) is a log line."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if isinstance(event, dict) and isinstance(event.get("event"), str):
+        return event
+    return {"event": "log", "message": line}
+
+
+class PredictionJob:
+    """One engine run: start, poll, cancel. Single use; make a new job for the next run.
+
+    `poll()` returns the engine's events in order, interleaved with `{"event": "state", "state":
+    JobState, "message": str}` whenever the state changes. When the process ends, the outputs of the
+    studies that succeeded (`outputs`, study id -> paths) go to `importer` on the main thread (state
+    IMPORTING), so a partly failed batch still brings back what it could; then COMPLETED if every study
+    succeeded, else FAILED with the engine's own message.
+    """
+
+    def __init__(self, command: Sequence[str], importer: Importer | None = None,
+                 env: dict[str, str] | None = None, grace_s: float = 5.0):
+        self.command = [os.fspath(part) for part in command]
+        self.importer = importer
+        self.env = env or {}
+        self.grace_s = grace_s
+        self.state = JobState.IDLE
+        self.message = ""
+        self.fraction = 0.0
+        self.outputs: dict[str, list[Path]] = {}
+        self.failures: dict[str, str] = {}
+        self.returncode: int | None = None
+        self._studies = 0
+        self._process: subprocess.Popen | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._ended = threading.Event()  # set once the process has exited and its output closed
+        self._events: list[dict] = []
+        self._log: deque[str] = deque(maxlen=20)
+
+    @classmethod
+    def predict(cls, inputs, model: str, *, importer: Importer | None = None, **options) -> "PredictionJob":
+        """A job for `predict_command(inputs, model, **options)`."""
+        return cls(predict_command(inputs, model, **options), importer=importer)
+
+    def start(self) -> None:
+        """Launch the process; a launch failure ends in FAILED rather than raising (like any other)."""
+        self._transition(JobState.STARTING, "starting")
+        try:
+            self._process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, encoding="utf-8", errors="replace", env=self._environment(), **_own_process_group())
+        except OSError as error:
+            self._transition(JobState.FAILED, f"could not start {self.command[0]}: {error}")
+            return
+        threading.Thread(target=self._read, name="FSEFTSegment job output", daemon=True).start()
+        self._transition(JobState.RUNNING, "running")
+
+    def poll(self) -> list[dict]:
+        """Events since the last call, without blocking. Main thread only: it may run the importer."""
+        while True:
+            try:
+                event = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if event["event"] == "exit":
+                self._finish(event["returncode"])
+            else:
+                self._track(event)
+                self._events.append(event)
+        events, self._events = self._events, []
+        return events
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> list[dict]:
+        """Poll until finished and return all events: for scripts and tests (the GUI uses a timer)."""
+        if self.state is JobState.IDLE:
+            raise JobStateError("wait() before start()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        events = self.poll()
+        while not self.state.finished:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job still {self.state.value} after {timeout} s")
+            time.sleep(interval)
+            events += self.poll()
+        return events
+
+    def cancel(self) -> None:
+        """Stop the engine and every process it started: SIGTERM to the group, SIGKILL after
+        `grace_s` (Windows: `taskkill /T /F`). The state becomes CANCELLED once the output ends.
+        Does nothing when the job is already over or cancelling (a second click, a late close)."""
+        if self.state.finished or self.state is JobState.CANCELLING:
+            return
+        self._transition(JobState.CANCELLING, "cancelling")
+        self._kill(hard=os.name == "nt")
+        if os.name != "nt":
+            timer = threading.Timer(self.grace_s, self._kill, kwargs={"hard": True})
+            timer.daemon = True
+            timer.start()
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_ROOT), env.get("PYTHONPATH")]))
+        env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
+        env.update(self.env)
+        return env
+
+    def _read(self) -> None:
+        """Background thread: stdout lines to the queue, then the exit code. The pipe ends only when
+        every process holding it has exited, so the exit event also means no child is left writing."""
+        for line in self._process.stdout:
+            event = parse_line(line)
+            if event is not None:
+                self._queue.put(event)
+        self._process.stdout.close()
+        returncode = self._process.wait()
+        self._ended.set()
+        self._queue.put({"event": "exit", "returncode": returncode})
+
+    def _kill(self, hard: bool) -> None:
+        if hard and self._ended.is_set():
+            return  # all gone after SIGTERM: the group id may already belong to someone else
+        pid = self._process.pid
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True,
+                           creationflags=subprocess.CREATE_NO_WINDOW)
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL if hard else signal.SIGTERM)  # the group id is the leader's pid
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole group has already exited
+
+    def _track(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "start":
+            self._studies = int(event.get("studies") or 0)
+        elif kind == "progress":
+            done = len(self.outputs) + len(self.failures)
+            fraction = float(event.get("fraction") or 0.0)
+            self.fraction = (done + fraction) / self._studies if self._studies else fraction
+        elif kind == "study_done":
+            self.outputs[str(event.get("study"))] = [Path(path) for path in event.get("outputs") or []]
+        elif kind == "study_failed":
+            self.failures[str(event.get("study"))] = str(event.get("message") or "failed")
+        elif kind == "log":
+            self._log.append(event["message"])
+        if kind in ("study_done", "study_failed") and self._studies:
+            self.fraction = (len(self.outputs) + len(self.failures)) / self._studies
+
+    def _finish(self, returncode: int) -> None:
+        self.returncode = returncode
+        if self.state is JobState.CANCELLING:
+            self._transition(JobState.CANCELLED, "cancelled")
+            return
+        if self.outputs and self.importer is not None:
+            self._transition(JobState.IMPORTING, f"loading {len(self.outputs)} result(s)")
+            try:
+                self.importer(self.outputs)
+            except Exception as error:
+                self._transition(JobState.FAILED, str(error))
+                return
+        if returncode == 0:
+            self.fraction = 1.0
+            self._transition(JobState.COMPLETED, f"done: {len(self.outputs)} result(s)")
+        else:
+            self._transition(JobState.FAILED, self._failure_message(returncode))
+
+    def _failure_message(self, returncode: int) -> str:
+        """The engine's own words: its study_failed messages, else the last line it printed (the
+        CLI's one-line error, shown without its `fseft: error:` prefix)."""
+        if self.failures:
+            messages = list(self.failures.values())
+            more = f" (and {len(messages) - 3} more)" if len(messages) > 3 else ""
+            return "; ".join(messages[:3]) + more
+        if self._log:
+            return re.sub(r"^fseft: (error: )?", "", self._log[-1])
+        return f"the engine exited with code {returncode}"
+
+    def _transition(self, state: JobState, message: str) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise JobStateError(f"illegal job transition {self.state.value} -> {state.value}")
+        self.state, self.message = state, message
+        self._events.append({"event": "state", "state": state, "message": message})
+
+
+def _own_process_group() -> dict:
+    """Popen options that give the engine its own process group, so cancel reaches its children too."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
