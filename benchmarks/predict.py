@@ -1,7 +1,8 @@
 """Time and peak memory of predicting a real CT with the full-size network on the CPU.
 
 Ours (FSEFTSegmentLib's predictor, in several settings) against a plain MONAI
-`sliding_window_inference` loop over the same network and the same preprocessed volume, each
+`sliding_window_inference` loop (the paper's settings: one window per batch, `torch.no_grad`, MONAI's
+default attention) over the same network and the same preprocessed volume, each
 variant in its own process so its peak resident memory is its own. Weights are random (timing does
 not depend on them); agreement with the baseline is reported as the max probability difference
 and the Dice of the thresholded masks over all 29 channels.
@@ -51,6 +52,9 @@ def run_variant(name: str, probabilities_out: Path) -> dict:
         predictor = SegmentationPredictor(network, torch.device("cpu"), InferenceSettings(sw_batch_size=batch, precision=precision, channels_last=channels_last))
         logits = predictor.logits(volume, [network.classifier])
     else:
+        for module in network.modules():  # plain MONAI Swin-UNETR attention (its default)
+            if hasattr(module, "use_flash_attention"):
+                module.use_flash_attention = False
         with torch.no_grad():
             logits = sliding_window_inference(volume[None].as_tensor(), (96,) * 3, batch, network, overlap=0.25, mode="gaussian")[0]
     seconds = time.perf_counter() - started
