@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, CropForeground, Orientation, ScaleIntensityRange, Spacing
+from monai.transforms import Compose, CropForeground, Orientation, ResampleToMatch, ScaleIntensityRange, Spacing
 
 from .model.network import Architecture
 
@@ -53,6 +53,14 @@ class CTPreprocessing:
     def __call__(self, image: sitk.Image) -> MetaTensor:
         """The image in model space, shape (1, X, Y, Z), carrying the record needed to invert it."""
         return self.transform(image_to_tensor(image))
+
+    def masks_to_model_space(self, masks: np.ndarray, reference: sitk.Image, preprocessed: MetaTensor) -> torch.Tensor:
+        """Binary masks (S, k, j, i) on `reference`'s grid, resampled (nearest) onto the model-space
+        grid of `preprocessed` (that image's own preprocessing): (S, X, Y, Z) uint8, voxel-aligned."""
+        source = image_to_tensor(reference)
+        labels = MetaTensor(torch.from_numpy(np.ascontiguousarray(masks.transpose(0, 3, 2, 1))).float(), affine=source.affine)
+        resampled = ResampleToMatch(mode="nearest", padding_mode="zeros")(labels, img_dst=preprocessed)
+        return resampled.as_tensor().round().to(torch.uint8)
 
     def to_native(self, channel: torch.Tensor, preprocessed: MetaTensor, reference: sitk.Image) -> np.ndarray:
         """Map one (X, Y, Z) map from model space back to `reference`'s grid, as a (k, j, i) array.

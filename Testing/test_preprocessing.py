@@ -4,6 +4,7 @@ back onto the input's own grid for oblique and anisotropic inputs alike."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from FSEFTSegmentLib.model.network import Architecture
 from FSEFTSegmentLib.preprocessing import CTPreprocessing, image_to_tensor
@@ -57,3 +58,15 @@ def test_inverse_keeps_values_where_grids_coincide():
     expected = np.clip((sitk.GetArrayFromImage(image) + 175) / 425, 0, 1)
     inside = expected > 0
     np.testing.assert_allclose(native[inside], expected[inside], atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", [None, oblique_direction()], ids=["axis-aligned", "oblique"])
+def test_masks_land_on_the_model_space_voxels_of_their_image(direction):
+    image, organ = body_phantom(direction=direction)
+    preprocessing = CTPreprocessing(Architecture())
+    preprocessed = preprocessing(image)
+    labels = preprocessing.masks_to_model_space(organ[None].astype(np.uint8), image, preprocessed)
+    assert labels.shape == preprocessed.shape and labels.dtype == torch.uint8
+    bright = (preprocessed[0] > 0.8).numpy()
+    mask = labels[0].numpy().astype(bool)
+    assert 2 * (bright & mask).sum() / (bright.sum() + mask.sum()) > 0.8
