@@ -24,8 +24,9 @@ if os.path.isdir(os.path.join(_ROOT, "FSEFTSegmentLib")) and _ROOT not in sys.pa
     sys.path.insert(0, _ROOT)  # a source checkout: the engine sits beside this folder
 
 from FSEFTSegmentLib import scene  # noqa: E402  (needs the path above)
-from FSEFTSegmentLib.jobs import (JobState, PredictionJob, missing_requirements, model_names,  # noqa: E402
-                                  python_executable)
+from FSEFTSegmentLib.jobs import (ADAPTATION_METHODS, TORCH_REQUIREMENT, EngineJob, JobState,  # noqa: E402
+                                  adapt_command, adapter_folder, missing_requirements, model_names,
+                                  predict_command, python_executable)
 
 
 class FSEFTSegment(ScriptedLoadableModule):
@@ -36,7 +37,9 @@ class FSEFTSegment(ScriptedLoadableModule):
         parent.contributors = ["FSEFTSegment developers (https://github.com/fseft)"]
         parent.helpText = (
             "Segments abdominal and thoracic organs in CT with a volumetric foundation model, on one volume"
-            " or a batch. The model runs in a separate process; Apply turns into Cancel while it runs."
+            " or a batch. Adapt teaches it a new structure from a few volumes annotated in the Segment Editor;"
+            " Apply then segments with the adapted model. The model runs in a separate process; Apply and"
+            " Adapt turn into Cancel while it runs."
             ' See the <a href="https://github.com/fseft/SlicerFSEFTSegment#readme">README</a>.')
         parent.acknowledgementText = (
             "Method and model: J. Silva-Rodríguez, J. Dolz, I. Ben Ayed. Towards Foundation Models and Few-Shot"
@@ -49,16 +52,22 @@ class FSEFTSegmentParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     structures: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    adaptStructure: str = ""
+    adaptMethod: Annotated[str, Choice(list(ADAPTATION_METHODS))] = "linear-probe"
+    adaptTuneDecoder: bool = False
+    adaptSizePrior: bool = False
+    adapterPath: str = ""
 
 
 class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Panel wiring only: inputs to `Logic.run`, job events to the progress bar and status line."""
+    """Panel wiring only: inputs to `Logic.run`/`Logic.adapt`, job events to the progress bar and status line."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.job = None
+        self.jobKind = None  # "apply" or "adapt": which button is Cancel
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.timer = qt.QTimer()
@@ -74,7 +83,9 @@ class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = FSEFTSegmentLogic()
         self.ui.modelComboBox.addItems(self.logic.modelNames())
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.batchVolumesSelector.connect("checkedNodesChanged()", self.updateButtons)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
+        for selector in (self.ui.batchVolumesSelector, self.ui.supportVolumesSelector):
+            selector.connect("checkedNodesChanged()", self.updateButtons)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -124,22 +135,38 @@ class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self, caller=None, event=None):
         running = self.job is not None and not self.job.state.finished
         cancelling = running and self.job.state is JobState.CANCELLING
-        self.ui.applyButton.text = "Cancel" if running else "Apply"
-        self.ui.applyButton.enabled = not cancelling and (running or bool(self.selectedVolumes()))
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton):
+        p = self._parameterNode
+        ready = {"apply": bool(self.selectedVolumes()),
+                 "adapt": bool(p and p.adaptStructure.strip() and list(self.ui.supportVolumesSelector.checkedNodes()))}
+        for kind, button in (("apply", self.ui.applyButton), ("adapt", self.ui.adaptButton)):
+            button.text = "Cancel" if running and self.jobKind == kind else kind.capitalize()
+            button.enabled = not cancelling and (self.jobKind == kind if running else ready[kind])
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.adaptInputsWidget, self.ui.advancedCollapsibleButton):
             widget.enabled = not running
 
     def onApplyButton(self):
+        p = self._parameterNode
+        self.startJob("apply", "Could not start the segmentation.", lambda: self.logic.run(
+            self.selectedVolumes(), self.ui.modelComboBox.currentText.strip(), p.structures, p.device, p.adapterPath))
+
+    def onAdaptButton(self):
+        p = self._parameterNode
+        self.startJob("adapt", "Could not start the adaptation.", lambda: self.logic.adapt(
+            list(self.ui.supportVolumesSelector.checkedNodes()), p.adaptStructure, p.adaptMethod,
+            self.ui.modelComboBox.currentText.strip(), p.adaptTuneDecoder, p.adaptSizePrior,
+            list(self.ui.queryVolumesSelector.checkedNodes()), p.device))
+
+    def startJob(self, kind, errorMessage, start):
+        """Cancel the running job (its button is Cancel), else start one with `start()`."""
         if self.job is not None and not self.job.state.finished:
             self.job.cancel()
             self.onTimer()
             return
-        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(errorMessage, waitCursor=True):
             if not self.logic.ensureDependencies():
                 return
-            p = self._parameterNode
-            self.job = self.logic.run(self.selectedVolumes(), self.ui.modelComboBox.currentText.strip(),
-                                      p.structures, p.device)
+            self.job = start()
+            self.jobKind = kind
             self.timer.start()
         self.onTimer()
 
@@ -159,13 +186,14 @@ class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job.state.finished:
             self.timer.stop()
             self.logic.removeTemporaryFiles()
+            self.logic.rememberAdapter(self.job)
 
     def showState(self, state, message):
         self.ui.statusLabel.text = message
         self.ui.progressBar.visible = state is not JobState.IDLE
         self.updateButtons()
         if state is JobState.FAILED:
-            slicer.util.errorDisplay(f"Segmentation failed: {message}")
+            slicer.util.errorDisplay(f"{'Adaptation' if self.jobKind == 'adapt' else 'Segmentation'} failed: {message}")
 
     def stopJob(self):
         """Cancel a running job and drain it until it has ended, so no process outlives the scene."""
@@ -200,7 +228,8 @@ class FSEFTSegmentLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("FSEFT Segment needs the PyTorch extension: install it from the Extensions Manager.") from None
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():  # reads package metadata, does not import torch
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.2") is None:  # as pyproject
+            torchVersion = TORCH_REQUIREMENT.removeprefix("torch")  # as pyproject.toml
+            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=torchVersion) is None:
                 return False
         missing = missing_requirements()
         if missing:
@@ -211,24 +240,61 @@ class FSEFTSegmentLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install(missing)
         return True
 
-    def run(self, volumeNodes, model, structures="", device="auto", waitForCompletion=False):
+    def run(self, volumeNodes, model, structures="", device="auto", adapterPath="", waitForCompletion=False):
         """Start the engine on `volumeNodes` and return the started job; each result is imported beside
-        its volume when the engine is done."""
+        its volume when the engine is done. With `adapterPath`, the adapted model segments (the adapter
+        names its base model, so `model` is not passed)."""
         if not volumeNodes:
             raise ValueError("Select a volume to segment.")
+        folder = self.newTemporaryFolder()
+        studyList, volumes = scene.export_studies(volumeNodes, folder)
+        command = predict_command(
+            [studyList], None if adapterPath else model, adapters=[adapterPath] if adapterPath else [],
+            out=os.path.join(folder, "results"), structures=[s.strip() for s in structures.split(",") if s.strip()],
+            device=device, python=python_executable())
+        return self.startJob(command, volumes, waitForCompletion)
+
+    def adapt(self, supportVolumes, structure, method, model, tuneDecoder=False, sizePrior=False, queryVolumes=(),
+              device="auto", waitForCompletion=False):
+        """Adapt `model` to the segment `structure` annotated on `supportVolumes` (each with a segmentation
+        referencing it) and return the started job. The adapter is written under the Slicer data folder;
+        the query volumes' predictions are imported beside them when the engine is done."""
+        structure = structure.strip()
+        if not structure or "=" in structure:
+            raise ValueError("Name the annotated segment to learn (without '=').")
+        if not supportVolumes:
+            raise ValueError("Check the volumes annotated with the segment.")
+        pairs = scene.annotated_volumes(slicer.mrmlScene, supportVolumes, structure)
+        folder = self.newTemporaryFolder()
+        supports = scene.export_supports(slicer.mrmlScene, pairs, structure, os.path.join(folder, "supports"))
+        queryPaths = [scene.export_volume(node, os.path.join(folder, "queries")) for node in queryVolumes]
+        root = os.path.join(slicer.app.defaultScenePath, "FSEFTSegment adapters")  # kept: Apply reuses it
+        command = adapt_command(
+            model, method, supports, [f"{structure}=1"], adapter_folder(root, structure, method), queries=queryPaths,
+            tune_decoder=tuneDecoder, size_prior=sizePrior, predict_queries=bool(queryPaths), device=device,
+            python=python_executable())
+        queries = {path.stem: node for path, node in zip(queryPaths, queryVolumes)}  # the engine's study ids
+        return self.startJob(command, queries, waitForCompletion)
+
+    def newTemporaryFolder(self):
         self.removeTemporaryFiles()
         self.temporaryFolder = tempfile.mkdtemp(prefix="FSEFTSegment-", dir=slicer.app.temporaryPath)
-        studyList, volumes = scene.export_studies(volumeNodes, self.temporaryFolder)
-        job = PredictionJob.predict(
-            [studyList], model, importer=lambda outputs: scene.import_results(slicer.mrmlScene, outputs, volumes),
-            out=os.path.join(self.temporaryFolder, "results"),
-            structures=[s.strip() for s in structures.split(",") if s.strip()], device=device,
-            python=python_executable())
+        return self.temporaryFolder
+
+    def startJob(self, command, volumes, waitForCompletion):
+        """Start `command`; results are imported beside `volumes` (study id -> volume node)."""
+        job = EngineJob(command, importer=lambda outputs: scene.import_results(slicer.mrmlScene, outputs, volumes))
         job.start()
         if waitForCompletion:
             job.wait()
             self.removeTemporaryFiles()
+            self.rememberAdapter(job)
         return job
+
+    def rememberAdapter(self, job):
+        """Keep a new adapter in the parameter node, where Apply picks it up."""
+        if job.adapter is not None and job.adapter.is_dir():
+            self.getParameterNode().adapterPath = str(job.adapter)
 
     def removeTemporaryFiles(self):
         if self.temporaryFolder:
@@ -265,7 +331,7 @@ class FSEFTSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(storage.WriteData(written))
         slicer.mrmlScene.RemoveNode(written)
         engine = "import json; print(json.dumps({'event': 'study_done', 'study': 'CT', 'outputs': [%r]}))"
-        job = PredictionJob([python_executable(), "-c", engine % storage.GetFileName()],
+        job = EngineJob([python_executable(), "-c", engine % storage.GetFileName()],
                             importer=lambda outputs: scene.import_results(slicer.mrmlScene, outputs, volumes))
         job.start()
         job.wait(timeout=60)

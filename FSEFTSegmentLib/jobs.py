@@ -1,11 +1,11 @@
 """Run the engine in its own process and follow its JSON-lines progress: the widget's job runner.
 
-Slicer's process never imports torch and never blocks: `PredictionJob` starts
-`python -m FSEFTSegmentLib predict ... --progress json` in a new process group, a background thread
-turns its stdout into events on a queue, and the GUI drains them with `poll()` from a timer on the
-main thread (where the importer may touch the scene). States change only through a transition
-table, so the widget can trust them to drive its buttons. No Qt and no torch here: tests run it on
-real subprocesses.
+Slicer's process never imports torch and never blocks: `EngineJob` starts an engine command line
+(`predict_command` or `adapt_command`: `python -m FSEFTSegmentLib predict|adapt ... --progress json`)
+in a new process group, a background thread turns its stdout into events on a queue, and the GUI
+drains them with `poll()` from a timer on the main thread (where the importer may touch the scene).
+States change only through a transition table, so the widget can trust them to drive its buttons.
+No Qt and no torch here: tests run it on real subprocesses.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding FSEFTSeg
 # What the engine's interpreter needs beyond torch (installed through SlicerPyTorch, which picks the
 # build for the GPU driver) and beyond what Slicer ships (numpy, SimpleITK, pydicom: reinstalling
 # those breaks Slicer). Distribution name -> requirement; kept in step with pyproject.toml by a test.
-ENGINE_REQUIREMENTS = {"monai": "monai>=1.4,<2", "einops": "einops>=0.7", "safetensors": "safetensors>=0.4",
+ENGINE_REQUIREMENTS = {"monai": "monai>=1.6,<2", "einops": "einops>=0.7", "safetensors": "safetensors>=0.4",
                        "slicerio": "slicerio>=1.1", "pynrrd": "pynrrd>=1.0", "pyyaml": "pyyaml>=6"}
+TORCH_REQUIREMENT = "torch>=2.8"  # for SlicerPyTorch's installTorch; as pyproject.toml
 
 
 class JobState(enum.Enum):
@@ -68,6 +69,11 @@ class JobStateError(RuntimeError):
 
 Importer = Callable[[dict[str, list[Path]]], None]
 
+#: The engine's adaptation methods (`fseft methods`), listed here because the engine's own table
+#: imports torch; a test keeps the two in step.
+ADAPTATION_METHODS = ("linear-probe", "spatial-adapter", "adapter-1x1", "bitfit", "affine-ln", "lora",
+                      "adaptformer", "full")
+
 
 def model_names() -> list[str]:
     """Registered model names for a picker, read as plain JSON (the engine's registry imports torch).
@@ -95,17 +101,61 @@ def python_executable() -> str:
     return found
 
 
-def predict_command(inputs: Iterable[str | os.PathLike], model: str, *, structures: Sequence[str] = (),
-                    out: str | os.PathLike | None = None, fmt: str = "seg.nrrd", device: str = "auto",
-                    python: str | None = None) -> list[str]:
-    """The engine's command line for `inputs`, always with JSON progress (the stream we parse)."""
-    command = [python or python_executable(), "-m", "FSEFTSegmentLib", "predict", "--model", model]
+def predict_command(inputs: Iterable[str | os.PathLike], model: str | None, *, structures: Sequence[str] = (),
+                    adapters: Iterable[str | os.PathLike] = (), out: str | os.PathLike | None = None,
+                    fmt: str = "seg.nrrd", device: str = "auto", python: str | None = None) -> list[str]:
+    """The engine's `predict` command line for `inputs`, always with JSON progress (the stream we
+    parse). `model` None leaves the choice to the engine (an adapter names its own base model)."""
+    command = [python or python_executable(), "-m", "FSEFTSegmentLib", "predict"]
+    if model is not None:
+        command += ["--model", model]
+    for adapter in adapters:
+        command += ["--adapter", os.fspath(adapter)]
     if structures:
         command += ["--structures", ",".join(structures)]
     if out is not None:
         command += ["--out", os.fspath(out)]
     command += ["--format", fmt, "--device", device, "--progress", "json"]
     return command + [os.fspath(path) for path in inputs]
+
+
+def adapt_command(model: str | None, method: str, supports: Iterable[tuple], structures: Sequence[str],
+                  out: str | os.PathLike, *, queries: Iterable[str | os.PathLike] = (), tune_decoder: bool = False,
+                  size_prior: bool = False, predict_queries: bool = False, seed: int | None = None,
+                  max_epochs: int | None = None, device: str = "auto", python: str | None = None) -> list[str]:
+    """The engine's `adapt` command line: `supports` are (image, labels[:VALUE|:SEGMENT]) pairs,
+    `structures` are `NAME[=VALUE]`; the adapter lands in `out` (with --predict-queries, the queries'
+    segmentations in `out`/predictions). Always with JSON progress."""
+    if method not in ADAPTATION_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ADAPTATION_METHODS)}")
+    command = [python or python_executable(), "-m", "FSEFTSegmentLib", "adapt"]
+    if model is not None:
+        command += ["--model", model]
+    command += ["--method", method] + (["--tune-decoder"] if tune_decoder else [])
+    for image, labels in supports:
+        command += ["--support", os.fspath(image), os.fspath(labels)]
+    for structure in structures:
+        command += ["--structure", structure]
+    for query in queries:
+        command += ["--query", os.fspath(query)]
+    command += (["--size-prior"] if size_prior else []) + (["--predict-queries"] if predict_queries else [])
+    command += ["--out", os.fspath(out)]
+    if seed is not None:
+        command += ["--seed", str(seed)]
+    if max_epochs is not None:
+        command += ["--max-epochs", str(max_epochs)]
+    return command + ["--device", device, "--progress", "json"]
+
+
+def adapter_folder(root: str | os.PathLike, structure: str, method: str) -> Path:
+    """A new (not yet existing) folder under `root` for an adapter: `<structure>-<method>-<time>`."""
+    stem = re.sub(r"[^\w.-]+", "_", f"{structure}-{method}").strip("._") or "adapter"
+    path = Path(root) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def parse_line(line: str) -> dict | None:
@@ -122,14 +172,23 @@ def parse_line(line: str) -> dict | None:
     return {"event": "log", "message": line}
 
 
-class PredictionJob:
-    """One engine run: start, poll, cancel. Single use; make a new job for the next run.
+class EngineJob:
+    """One engine run (`predict_command`, `adapt_command`, or any command that speaks the JSON-lines
+    protocol): start, poll, cancel. Single use; make a new job for the next run.
 
     `poll()` returns the engine's events in order, interleaved with `{"event": "state", "state":
-    JobState, "message": str}` whenever the state changes. When the process ends, the outputs of the
-    studies that succeeded (`outputs`, study id -> paths) go to `importer` on the main thread (state
-    IMPORTING), so a partly failed batch still brings back what it could; then COMPLETED if every study
-    succeeded, else FAILED with the engine's own message.
+    JobState, "message": str}` whenever the state changes. Results:
+    - `outputs` (study id -> paths) of the studies that succeeded, from `study_done` events; for an
+      `adapt ... --predict-queries` run also the segmentations found in `<adapter>/predictions` that
+      no event announced;
+    - `adapter`, the folder of the `adapter` event (an `adapt` run without one fails).
+    When the process ends, `outputs` go to `importer` on the main thread (state IMPORTING), so a
+    partly failed batch still brings back what it could; then COMPLETED if every study succeeded,
+    else FAILED with the engine's own message.
+
+    `fraction` follows the current phase: `progress` events while preparing (e.g. a download),
+    epoch/epochs while training (`epoch` events), then studies done (+ the current study's
+    fraction) once a batch has `start`ed.
     """
 
     def __init__(self, command: Sequence[str], importer: Importer | None = None,
@@ -143,18 +202,24 @@ class PredictionJob:
         self.fraction = 0.0
         self.outputs: dict[str, list[Path]] = {}
         self.failures: dict[str, str] = {}
+        self.adapter: Path | None = None
+        self.epoch: dict | None = None  # the last `epoch` event (epoch, epochs, loss, lr, eta, ...)
         self.returncode: int | None = None
         self._studies = 0
+        self._phase = "preparing"  # -> "training" (epoch events) -> "batch" (a start event)
         self._process: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
         self._ended = threading.Event()  # set once the process has exited and its output closed
         self._events: list[dict] = []
         self._log: deque[str] = deque(maxlen=20)
 
-    @classmethod
-    def predict(cls, inputs, model: str, *, importer: Importer | None = None, **options) -> "PredictionJob":
-        """A job for `predict_command(inputs, model, **options)`."""
-        return cls(predict_command(inputs, model, **options), importer=importer)
+    @property
+    def subcommand(self) -> str | None:
+        """`predict`, `adapt`, ... for an engine command line (`... -m FSEFTSegmentLib NAME ...`), else None."""
+        for i in range(len(self.command) - 2):
+            if self.command[i:i + 2] == ["-m", "FSEFTSegmentLib"]:
+                return self.command[i + 2]
+        return None
 
     def start(self) -> None:
         """Launch the process; a launch failure ends in FAILED rather than raising (like any other)."""
@@ -245,8 +310,13 @@ class PredictionJob:
     def _track(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
-            self._studies = int(event.get("studies") or 0)
-        elif kind == "progress":
+            self._studies, self._phase, self.fraction = int(event.get("studies") or 0), "batch", 0.0
+        elif kind == "epoch":
+            epochs = float(event.get("epochs") or 0)
+            if epochs > 0:
+                self._phase, self.epoch = "training", event
+                self.fraction = min(max(float(event.get("epoch") or 0) / epochs, 0.0), 1.0)
+        elif kind == "progress" and self._phase != "training":  # training moves by epochs only
             done = len(self.outputs) + len(self.failures)
             fraction = float(event.get("fraction") or 0.0)
             self.fraction = (done + fraction) / self._studies if self._studies else fraction
@@ -254,16 +324,39 @@ class PredictionJob:
             self.outputs[str(event.get("study"))] = [Path(path) for path in event.get("outputs") or []]
         elif kind == "study_failed":
             self.failures[str(event.get("study"))] = str(event.get("message") or "failed")
+        elif kind == "adapter" and event.get("path"):
+            self.adapter = Path(event["path"])
         elif kind == "log":
             self._log.append(event["message"])
         if kind in ("study_done", "study_failed") and self._studies:
             self.fraction = (len(self.outputs) + len(self.failures)) / self._studies
+
+    def _option(self, name: str) -> list[str]:
+        """The values of option `name` in the command line, in order."""
+        return [self.command[i + 1] for i in range(len(self.command) - 1) if self.command[i] == name]
+
+    def _collect_query_outputs(self) -> str | None:
+        """For `adapt --predict-queries`: add the predictions under `<adapter>/predictions` that no
+        event announced; return a problem to report when fewer than the queries are there."""
+        if self.subcommand != "adapt":
+            return None
+        if self.adapter is None:
+            return "the engine finished without reporting an adapter"
+        if "--predict-queries" not in self.command:
+            return None
+        queries = self._option("--query")
+        for path in sorted((self.adapter / "predictions").glob("*.seg.nrrd")):
+            self.outputs.setdefault(path.name[: -len(".seg.nrrd")], [path])
+        if len(self.outputs) < len(queries):
+            return f"only {len(self.outputs)} of {len(queries)} query predictions were written"
+        return None
 
     def _finish(self, returncode: int) -> None:
         self.returncode = returncode
         if self.state is JobState.CANCELLING:
             self._transition(JobState.CANCELLED, "cancelled")
             return
+        problem = self._collect_query_outputs() if returncode == 0 else None
         if self.outputs and self.importer is not None:
             self._transition(JobState.IMPORTING, f"loading {len(self.outputs)} result(s)")
             try:
@@ -271,9 +364,15 @@ class PredictionJob:
             except Exception as error:
                 self._transition(JobState.FAILED, str(error))
                 return
-        if returncode == 0:
+        if returncode == 0 and problem:
+            self._transition(JobState.FAILED, problem)
+        elif returncode == 0:
             self.fraction = 1.0
-            self._transition(JobState.COMPLETED, f"done: {len(self.outputs)} result(s)")
+            if self.adapter is None:
+                done = f"{len(self.outputs)} result(s)"
+            else:
+                done = f"adapter {self.adapter}" + (f", {len(self.outputs)} prediction(s)" if self.outputs else "")
+            self._transition(JobState.COMPLETED, f"done: {done}")
         else:
             self._transition(JobState.FAILED, self._failure_message(returncode))
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import slicer
+import vtk
 
 from .errors import InputError
 
@@ -33,6 +34,12 @@ def export_volume(volume_node, folder: str | os.PathLike) -> Path:
     while path.exists():
         n += 1
         path = folder / f"{stem}_{n}.nrrd"
+    _write_nrrd(volume_node, path)
+    return path
+
+
+def _write_nrrd(volume_node, path: Path) -> None:
+    """Write a volume (scalar or label map) to `path` as uncompressed NRRD, atomically."""
     partial = path.with_name(f".{path.stem}.partial.nrrd")  # the writer picks the format from ".nrrd"
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(partial))
@@ -41,7 +48,78 @@ def export_volume(volume_node, folder: str | os.PathLike) -> Path:
         partial.unlink(missing_ok=True)
         raise InputError(f"could not write volume '{volume_node.GetName()}' (has it any voxels?)", path)
     os.replace(partial, path)
-    return path
+
+
+def segmentations_of(scene, volume_node) -> list:
+    """The segmentation nodes whose reference geometry is `volume_node`: those drawn in the Segment
+    Editor with it as the source volume (or imported with it as reference)."""
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    nodes = (scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")))
+    return [node for node in nodes if node.GetNodeReferenceID(role) == volume_node.GetID()]
+
+
+def annotated_volumes(scene, volume_nodes, segment_name: str) -> list[tuple]:
+    """Pair each volume with its annotation: the segmentation referencing it that holds `segment_name`
+    (else the first referencing it, so that `export_supports` names the segments it has instead).
+    `InputError` for a volume that no segmentation references."""
+    pairs = []
+    for volume in volume_nodes:
+        candidates = segmentations_of(scene, volume)
+        if not candidates:
+            raise InputError(f"volume '{volume.GetName()}' has no segmentation: annotate '{segment_name}' in the "
+                             "Segment Editor with this volume as the source volume")
+        pairs.append((volume, next((s for s in candidates if _segment_id(s, segment_name)), candidates[0])))
+    return pairs
+
+
+def export_supports(scene, pairs, segment_name: str, folder: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Write each annotated volume (`export_volume`) and its segment `segment_name` as a label map
+    (value 1, on the volume's own grid, uncompressed `labels/<image stem>.nrrd`); return the
+    (image, label) paths in order. One-line `InputError` when the segment is missing (naming the
+    segments there) or empty. Nodes the export creates are removed, whatever happens."""
+    folder = Path(folder)
+    supports = []
+    for volume, segmentation_node in pairs:
+        segment_id = _segment_id(segmentation_node, segment_name)
+        if not segment_id:
+            segmentation = segmentation_node.GetSegmentation()
+            names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+            raise InputError(f"segmentation '{segmentation_node.GetName()}' has no segment '{segment_name}'"
+                             f" (it has: {', '.join(repr(n) for n in names) or 'no segments'})")
+        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        try:  # the export adds a label map, its display node and a colour table
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{volume.GetName()} {segment_name}")
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segment_id)
+            # The reference volume is what puts the label map on the volume's grid (else: cropped).
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, ids, labelmap, volume):
+                raise InputError(f"could not export segment '{segment_name}' of '{segmentation_node.GetName()}'")
+            if not slicer.util.arrayFromVolume(labelmap).any():
+                raise InputError(f"segment '{segment_name}' of '{segmentation_node.GetName()}' is empty:"
+                                 f" draw it on '{volume.GetName()}' first")
+            image = export_volume(volume, folder)
+            label = folder / "labels" / f"{image.stem}.nrrd"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            _write_nrrd(labelmap, label)
+        finally:
+            added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+            for node in reversed([n for n in added if n.GetID() not in before and not n.GetSingletonTag()]):
+                scene.RemoveNode(node)
+        supports.append((image, label))
+    return supports
+
+
+def _segment_id(segmentation_node, name: str) -> str:
+    """The id of the segment called `name`; a case-insensitive match when it is the only one; else ''."""
+    segmentation = segmentation_node.GetSegmentation()
+    found = segmentation.GetSegmentIdBySegmentName(name)
+    if found:
+        return found
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+           if segmentation.GetNthSegment(i).GetName().casefold() == name.casefold()]
+    return ids[0] if len(ids) == 1 else ""
 
 
 def import_segmentation(scene, seg_path: str | os.PathLike, reference_volume_node, name: str | None = None):
