@@ -1,10 +1,13 @@
 """Sliding-window prediction: model-space probabilities, then binary masks on the native grid.
 
-The frozen body runs once per window and any number of 1x1x1 heads read its features, so several
-structures (and later several adapters) cost one backbone pass. Windows follow the paper (patch
-size, overlap 0.25, Gaussian blending of logits, sigmoid > 0.5 per structure: structures may
-overlap); windows run on the compute device while blending happens in CPU memory, so a large
-study does not need a large GPU. A CUDA out-of-memory error falls back to the CPU with a warning.
+The frozen body runs once per window and any number of heads read its features, so several
+structures and several black-box adapters cost one backbone pass. An adapter that changes the
+backbone (LoRA, BitFit, ..., full) brings its own network: each distinct network runs once per
+window for all the heads that read it, and the outputs come back in the order the heads were
+given. Windows follow the paper (patch size, overlap 0.25, Gaussian blending of logits,
+sigmoid > 0.5 per structure: structures may overlap); windows run on the compute device while
+blending happens in CPU memory, so a large study does not need a large GPU. A CUDA out-of-memory
+error falls back to the CPU with a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from .errors import InputError
+from .methods.adapted import AdaptedModel
 from .model.network import FoundationSwinUNETR
 from .preprocessing import CTPreprocessing
 from .progress import Progress
@@ -72,6 +76,24 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     return (sitk.GetArrayViewFromImage(components) == 1).astype(np.uint8)
 
 
+@dataclass(frozen=True, eq=False)
+class Head:
+    """A head and the network whose `features` it reads; `channels` keeps some of its outputs, in that order.
+
+    `network=None` means the predictor's own (base) network. Heads given with the same network
+    object share its pass; the same `module` listed twice (e.g. two channel selections) runs once.
+    """
+
+    module: nn.Module
+    network: FoundationSwinUNETR | None = None
+    channels: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, model: AdaptedModel, channels: Sequence[int] | None = None) -> "Head":
+        """An adapted model's head on its network (the base network itself for black-box adapters)."""
+        return cls(model.head, model.network, tuple(channels) if channels is not None else None)
+
+
 class SegmentationPredictor:
     """Runs one network (and heads on its features) over whole studies."""
 
@@ -90,19 +112,51 @@ class SegmentationPredictor:
         self.progress = progress or Progress()
         self.preprocessing = CTPreprocessing(network.architecture)
 
-    def _window_fn(self, heads: Sequence[nn.Module], on_window: Callable[[int], None]):
+    def _heads(self, heads: Sequence[nn.Module | Head | AdaptedModel]) -> list[Head]:
+        """Every head as a `Head` with its network, the modules on the compute device and in eval mode."""
+        resolved = []
+        for head in heads:
+            if isinstance(head, AdaptedModel):
+                head = Head.of(head)
+            elif not isinstance(head, Head):
+                head = Head(head)
+            network = self.network if head.network is None else head.network
+            if network.architecture != self.network.architecture:
+                raise ValueError("every head's network must share the base network's architecture (same preprocessing and windows)")
+            network.eval().to(self.device)
+            if self.settings.channels_last:
+                network.to(memory_format=torch.channels_last_3d)
+            resolved.append(Head(head.module.to(self.device).eval(), network, head.channels))
+        return resolved
+
+    def _window_fn(self, heads: Sequence[Head], on_window: Callable[[int], None]):
+        groups: dict[int, list[int]] = {}  # network -> indices of its heads, networks in first-use order
+        for index, head in enumerate(heads):
+            groups.setdefault(id(head.network), []).append(index)
+
         def run(windows: torch.Tensor) -> torch.Tensor:
             if self.settings.channels_last:
                 windows = windows.contiguous(memory_format=torch.channels_last_3d)
-            features = self.network.features(windows)
-            logits = torch.cat([head(features) for head in heads], dim=1).float()
+            parts: list[torch.Tensor | None] = [None] * len(heads)
+            for indices in groups.values():  # one network at a time: one feature map in memory
+                features = heads[indices[0]].network.features(windows)
+                computed: dict[int, torch.Tensor] = {}
+                for index in indices:
+                    head = heads[index]
+                    if id(head.module) not in computed:
+                        computed[id(head.module)] = head.module(features)
+                    output = computed[id(head.module)]
+                    parts[index] = output if head.channels is None else output[:, list(head.channels)]
+                del features, computed
+            logits = torch.cat(parts, dim=1).float()
             on_window(windows.shape[0])
             return logits
 
         return run
 
-    def logits(self, volume: torch.Tensor, heads: Sequence[nn.Module], study: str = "") -> torch.Tensor:
-        """Blended logits (C, X, Y, Z) on the CPU for a preprocessed (1, X, Y, Z) volume."""
+    def logits(self, volume: torch.Tensor, heads: Sequence[nn.Module | Head | AdaptedModel], study: str = "") -> torch.Tensor:
+        """Blended logits (C, X, Y, Z) on the CPU for a preprocessed (1, X, Y, Z) volume: the heads'
+        output channels concatenated in the order given (a plain module reads the base network)."""
         roi = self.network.architecture.patch_size
         total = window_count(volume.shape[1:], roi, self.settings.overlap)
         done = 0
@@ -114,7 +168,7 @@ class SegmentationPredictor:
 
         dtype = autocast_dtype(self.device, self.settings.precision)
         cast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
-        heads = [head.to(self.device).eval() for head in heads]
+        heads = self._heads(heads)
         with torch.inference_mode(), cast:
             blended = sliding_window_inference(
                 volume[None].as_tensor() if hasattr(volume, "as_tensor") else volume[None],
@@ -128,8 +182,8 @@ class SegmentationPredictor:
             )
         return blended[0].float()
 
-    def segment(self, image: sitk.Image, heads: Sequence[nn.Module], study: str = "") -> np.ndarray:
-        """Binary masks (C, k, j, i) uint8 on `image`'s own grid, one per head output channel."""
+    def segment(self, image: sitk.Image, heads: Sequence[nn.Module | Head | AdaptedModel], study: str = "") -> np.ndarray:
+        """Binary masks (C, k, j, i) uint8 on `image`'s own grid, one per head output channel, in order."""
         volume = self.preprocessing(image)
         try:
             logits = self.logits(volume, heads, study)

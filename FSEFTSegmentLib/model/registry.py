@@ -313,6 +313,16 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[Path, Architecture, 
     return entry.weights_path, entry.architecture, name
 
 
+def model_sha256(name_or_path: str | os.PathLike) -> str:
+    """sha256 of a model's weights: the cache record's (accepted when pulled or imported), else the file's."""
+    path, _, name = resolve_model(name_or_path)
+    if not Path(name_or_path).expanduser().is_file():
+        recorded = _file_record(_read_record(name), path.name).get("sha256")
+        if recorded:
+            return recorded
+    return sha256_file(path)
+
+
 # ---------------------------------------------------------------- acceptance
 
 
