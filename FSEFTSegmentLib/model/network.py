@@ -80,17 +80,23 @@ class FoundationSwinUNETR(SwinUNETR):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The `decoder1` output (feature_size channels at the input's resolution)."""
         self._check_input_size(x.shape[2:])
-        hidden = self.swinViT(x, self.normalize)
-        enc0 = self.encoder1(x)
-        enc1 = self.encoder2(hidden[0])
-        enc2 = self.encoder3(hidden[1])
-        enc3 = self.encoder4(hidden[2])
-        dec4 = self.encoder10(hidden[4])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._encoder_trains()):
+            hidden = self.swinViT(x, self.normalize)
+            enc0 = self.encoder1(x)
+            enc1 = self.encoder2(hidden[0])
+            enc2 = self.encoder3(hidden[1])
+            enc3 = self.encoder4(hidden[2])
+            dec4 = self.encoder10(hidden[4])
         dec3 = self.decoder5(dec4, hidden[3])
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
         dec0 = self.decoder2(dec1, enc1)
         return self.decoder1(dec0, enc0)
+
+    def _encoder_trains(self) -> bool:
+        """Whether any encoder parameter needs a gradient; when none does (frozen model, decoder
+        fine-tuning), the encoder runs without autograd: less memory, and fused attention."""
+        return any(p.requires_grad for name, p in self.named_parameters() if not name.startswith(("decoder", "classifier")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every output channel (one sigmoid each: structures may overlap)."""
