@@ -22,12 +22,8 @@ def _split_list(text: str) -> list[str]:
 
 
 def cmd_predict(args) -> int:
-    from .inference import InferenceSettings, SegmentationPredictor, choose_device
-    from .io.studies import expand_inputs
-    from .labels import resolve_structures
-    from .model import load_foundation_model
-    from .model.network import head_rows
-    from .prediction import OUTPUT_FORMATS, model_structures, predict_studies
+    from .inference import InferenceSettings
+    from .prediction import OUTPUT_FORMATS, predict_with_adapters
     from .progress import make_progress
 
     progress = make_progress(args.progress)
@@ -35,34 +31,21 @@ def cmd_predict(args) -> int:
     unknown = [f for f in formats if f not in OUTPUT_FORMATS]
     if unknown or not formats:
         raise InputError(f"unknown --format {','.join(unknown) or args.format!r}; choose from {', '.join(OUTPUT_FORMATS)}")
-    studies = expand_inputs(args.inputs)
-    device = choose_device(args.device)
-    progress.info(f"loading model {args.model}")
-    network = load_foundation_model(args.model)
-    available = model_structures(network.architecture)
-    if args.structures:
-        wanted = resolve_structures(_split_list(args.structures))
-        names = [s.name for s in available]
-        absent = [s.name for s in wanted if s.name not in names]
-        if absent:
-            raise InputError(f"model {args.model} has no output for {', '.join(absent)}; it segments: {', '.join(names)}")
-        channels = [names.index(s.name) for s in wanted]
-    else:
-        channels = list(range(len(available)))
-    structures = [available[c] for c in channels]
     settings = InferenceSettings(
         sw_batch_size=args.sw_batch_size,
         overlap=args.overlap,
         largest_component=args.largest_component,
         precision=args.precision,
     )
-    predictor = SegmentationPredictor(network, device, settings, progress)
-    progress.info(f"segmenting {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} on {device} ({len(structures)} structures)")
-    result = predict_studies(predictor, [head_rows(network.classifier, channels)], structures, studies, Path(args.out), formats, progress)
-    if len(studies) == 1 and result.failures:
+    # with adapters and no --model, the base model is the one they were trained on
+    model = args.model or (None if args.adapter else DEFAULT_MODEL)
+    structures = _split_list(args.structures) if args.structures else None
+    result = predict_with_adapters(model, args.adapter or [], args.inputs, Path(args.out), args.device, progress, structures, formats, settings)
+    total = len(result.outputs) + len(result.failures)
+    if total == 1 and result.failures:
         raise JobFailed(next(iter(result.failures.values())))
     if result.failures:
-        raise JobFailed(f"{len(result.failures)} of {len(studies)} studies failed")
+        raise JobFailed(f"{len(result.failures)} of {total} studies failed")
     return 0
 
 
@@ -104,6 +87,72 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    from .adaptation import parse_support, parse_target, run_adaptation
+    from .adapters import save_adapter
+    from .inference import choose_device
+    from .methods import get_method
+    from .model import load_foundation_model
+    from .model.registry import model_sha256
+    from .progress import make_progress
+    from .training import TrainingSettings
+
+    progress = make_progress(args.progress)
+    get_method(args.method)  # an unknown method fails before anything is loaded
+    targets = [parse_target(text) for text in args.structure or []]
+    supports = [parse_support(image, labels) for image, labels in args.support or []]
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "adapter.json").exists())):
+        raise InputError("exists and is not an adapter folder; choose a new --out", out)
+    device = choose_device(args.device)
+    progress.info(f"loading model {args.model}")
+    network = load_foundation_model(args.model)
+    base = {"name": str(args.model), "sha256": model_sha256(args.model), "architecture": network.architecture.to_dict()}
+    settings = TrainingSettings(
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        size_prior=args.size_prior,
+        size_prior_gamma=args.size_prior_gamma,
+        size_prior_weight=args.size_prior_weight,
+        **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+        **({"crops_per_step": args.crops_per_step} if args.crops_per_step else {}),
+    )
+    run = run_adaptation(
+        network, base, args.method, targets, supports, [Path(q) for q in args.query or []],
+        settings, device, progress, tune_decoder=args.tune_decoder,
+    )
+    path = save_adapter(out, run.model, run.metadata)
+    for structure, prior in (run.result.size_prior or {}).items():
+        low, high = prior["range_ml"]
+        sizes = ", ".join(f"{query} {size['ml']:.1f} mL" for query, size in prior["queries"].items())
+        progress.info(f"size prior {structure}: S = {prior['prior_ml']:.1f} mL (allowed {low:.1f}-{high:.1f} mL); predicted: {sizes}", size_prior={structure: prior})
+    if args.predict_queries and args.query:
+        from .adapters import predict_with_adapters
+
+        predict_with_adapters(network_ref=args.model, adapters=[path], inputs=args.query, out=path / "predictions", device=device, progress=progress)
+    progress.emit("adapter", path=str(path), message=f"adapter written to {path}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    import json
+
+    from .methods.summary import method_summaries, summaries_table
+    from .model.registry import load_registry
+    from .model.network import Architecture
+
+    registry = load_registry()
+    if args.model in registry:
+        architecture = registry[args.model].architecture
+    else:
+        from .model import load_foundation_model
+
+        architecture = load_foundation_model(args.model).architecture if args.model else Architecture()
+    rows = method_summaries(architecture, structures=args.structures, tune_decoder=args.tune_decoder)
+    print(json.dumps(rows, indent=2) if args.json else summaries_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fseft", description="Few-shot CT organ segmentation with a foundation model.")
     parser.add_argument("--version", action="version", version=f"fseft {__version__}")
@@ -112,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="segment CT studies with a model")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, DICOM folder, or study list (.txt / .csv with id,image)")
-    predict.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or checkpoint path (default: %(default)s)")
-    predict.add_argument("--structures", help="comma-separated structures to output (default: all the model knows)")
+    predict.add_argument("--model", help=f"registered model name or checkpoint path (default: the adapters' base model, else {DEFAULT_MODEL})")
+    predict.add_argument("--adapter", action="append", metavar="DIR", help="adapter folder to apply (repeatable: black-box adapters share one backbone pass)")
+    predict.add_argument("--structures", help="comma-separated structures to output (default: all the adapters' structures, else all the model knows)")
     predict.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
     predict.add_argument("--format", default="seg.nrrd", help="seg.nrrd, nii.gz (label map + JSON table) or both, comma-separated")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -132,6 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="also write the scores as JSON")
     evaluate.add_argument("--csv", type=Path, help="also write the scores as CSV")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    adapt = commands.add_parser("adapt", help="adapt the model to structures from a few annotated studies")
+    adapt.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or checkpoint path (default: %(default)s)")
+    adapt.add_argument("--method", required=True, help="linear-probe, spatial-adapter, adapter-1x1, bitfit, affine-ln, lora, adaptformer or full (see: fseft methods)")
+    adapt.add_argument("--tune-decoder", action="store_true", help="also fine-tune the decoder (the paper's decoder fine-tuning)")
+    adapt.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "LABELS"), help="an annotated study: image and label map[:VALUE] or .seg.nrrd[:SEGMENT] (repeatable)")
+    adapt.add_argument("--structure", action="append", metavar="NAME[=VALUE]", help="target structure (repeatable); VALUE/SEGMENT selects it in the label files")
+    adapt.add_argument("--query", action="append", metavar="IMAGE", help="unlabelled study for transductive inference / prediction (repeatable)")
+    adapt.add_argument("--size-prior", action="store_true", help="constrain query sizes with the supports' size prior (black-box methods)")
+    adapt.add_argument("--size-prior-gamma", type=float, default=0.3, help="tolerance around the prior size (default: %(default)s)")
+    adapt.add_argument("--size-prior-weight", type=float, default=0.1, help="weight lambda of the size-prior term (default: %(default)s)")
+    adapt.add_argument("--predict-queries", action="store_true", help="also segment the queries into OUT/predictions")
+    adapt.add_argument("--out", required=True, help="adapter folder to write")
+    adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--max-epochs", type=int, default=200, help="upper bound; early stopping usually ends sooner (default: %(default)s)")
+    adapt.add_argument("--learning-rate", type=float, help="override the method's default learning rate")
+    adapt.add_argument("--crops-per-step", type=int, help="random crops per step (default: 6, as the paper)")
+    adapt.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    adapt.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    adapt.set_defaults(run=cmd_adapt)
+
+    methods = commands.add_parser("methods", help="what each adaptation method trains and costs")
+    methods.add_argument("--model", default=DEFAULT_MODEL, help="registry name (no download needed) or checkpoint path")
+    methods.add_argument("--structures", type=int, default=1, help="number of target structures (default: %(default)s)")
+    methods.add_argument("--tune-decoder", action="store_true")
+    methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    methods.set_defaults(run=cmd_methods)
 
     models = commands.add_parser("models", help="list, import or download models")
     models.add_argument("action", choices=("list", "import", "pull"))

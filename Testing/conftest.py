@@ -6,6 +6,9 @@ nodes instead of trusting our reader. Bootstrap as in shared/notes/slicer-facts.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -66,3 +69,31 @@ def mrml_scene():
                 setattr(slicer, name, saved[name])
             elif hasattr(slicer, name):
                 delattr(slicer, name)
+
+
+from synthetic import tiny_checkpoint  # noqa: E402  (after the path setup above)
+
+# A random feature-size-12 network registered with a coarse working space (4.5 mm, 64^3 windows),
+# so a whole real CT takes seconds: the pipeline is checked, not accuracy.
+TINY_ARCHITECTURE = {"feature_size": 12, "out_channels": 29, "patch_size": 64, "spacing_mm": 4.5, "hu_window": [-175, 250]}
+
+
+@pytest.fixture(scope="session")
+def environment(tmp_path_factory):
+    """FSEFT_CACHE and FSEFT_REGISTRY pointing at a private registry holding `tiny-test`, imported."""
+    root = tmp_path_factory.mktemp("fseft-env")
+    registry = root / "models.json"
+    registry.write_text(json.dumps({"models": [{
+        "name": "tiny-test", "description": "random feature-size-12 network for tests",
+        "architecture": TINY_ARCHITECTURE,
+        "files": [{"url": "http://127.0.0.1:9/tiny.pt", "filename": "tiny.pt", "sha256": None, "size": None}],
+    }]}), encoding="utf-8")
+    env = dict(os.environ, FSEFT_CACHE=str(root / "cache"), FSEFT_REGISTRY=str(registry), PYTHONUNBUFFERED="1")
+    checkpoint = tiny_checkpoint(root / "tiny.pt")
+    result = fseft(["models", "import", str(checkpoint), "--name", "tiny-test"], env)
+    assert result.returncode == 0, result.stderr
+    return env
+
+
+def fseft(args, env, cwd=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "FSEFTSegmentLib", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +35,8 @@ from FSEFTSegmentLib.model.registry import sha256_file
 from FSEFTSegmentLib.prediction import plan_outputs, predict_studies
 from FSEFTSegmentLib.progress import Progress
 
-from synthetic import body_phantom, tiny_checkpoint
+from conftest import TINY_ARCHITECTURE, fseft
+from synthetic import body_phantom
 
 # Feature size 12, one block per stage, 64^3 windows at 4.5 mm: a phantom is one window.
 ARCHITECTURE = Architecture(feature_size=12, out_channels=29, depths=(1, 1, 1, 1), patch_size=64, spacing_mm=4.5)
@@ -417,33 +415,11 @@ def test_quality_flag_in_tags_events_and_sidecar(pristine, three_adapters, study
 # ---------------------------------------------------------------- the command line
 
 
-TINY_ARCHITECTURE = {"feature_size": 12, "out_channels": 29, "patch_size": 64, "spacing_mm": 4.5, "hu_window": [-175, 250]}
-
-
-def fseft(args, env):
-    return subprocess.run([sys.executable, "-m", "FSEFTSegmentLib", *args], env=env, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def environment(tmp_path_factory):
-    """A private registry with `tiny-test` imported (as test_cli.py), and its checkpoint."""
-    root = tmp_path_factory.mktemp("fseft-adapters-env")
-    registry = root / "models.json"
-    registry.write_text(json.dumps({"models": [{
-        "name": "tiny-test", "description": "random feature-size-12 network for tests", "architecture": TINY_ARCHITECTURE,
-        "files": [{"url": "http://127.0.0.1:9/tiny.pt", "filename": "tiny.pt", "sha256": None, "size": None}],
-    }]}), encoding="utf-8")
-    env = dict(os.environ, FSEFT_CACHE=str(root / "cache"), FSEFT_REGISTRY=str(registry), PYTHONUNBUFFERED="1")
-    checkpoint = tiny_checkpoint(root / "tiny.pt")
-    result = fseft(["models", "import", str(checkpoint), "--name", "tiny-test"], env)
-    assert result.returncode == 0, result.stderr
-    return env, checkpoint
-
-
 def test_cli_predict_with_an_adapter(environment, tmp_path):
     from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
 
-    env, checkpoint = environment
+    env = environment
+    checkpoint = Path(env["FSEFT_CACHE"]) / "models" / "tiny-test" / "tiny.pt"
     network = build_from_checkpoint(checkpoint, defaults=Architecture.from_dict(TINY_ARCHITECTURE))
     structures = [resolve_structure("liver"), novel_structure("Renal graft")]
     model = perturbed(network, "spatial-adapter", structures, positive=0)

@@ -15,38 +15,12 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from conftest import SHARED_DATA
-from synthetic import body_phantom, oblique_direction, tiny_checkpoint
+from conftest import SHARED_DATA, fseft
+from synthetic import body_phantom, oblique_direction
 
 REAL_CT = SHARED_DATA / "real-ct" / "totalseg-abdomen" / "ct.nii.gz"
 REAL_LABELS = SHARED_DATA / "real-ct" / "totalseg-abdomen" / "labels-totalsegmentator.nii.gz"
 REAL_MR = SHARED_DATA / "real-ct" / "totalseg-mr" / "mr.nii.gz"
-# A random feature-size-12 network registered with a coarse working space (4.5 mm, 64^3 windows),
-# so a whole real CT takes seconds: the pipeline is checked, not accuracy.
-TINY_ARCHITECTURE = {"feature_size": 12, "out_channels": 29, "patch_size": 64, "spacing_mm": 4.5, "hu_window": [-175, 250]}
-
-
-@pytest.fixture(scope="module")
-def environment(tmp_path_factory):
-    """FSEFT_CACHE and FSEFT_REGISTRY pointing at a private registry holding `tiny-test`, imported."""
-    root = tmp_path_factory.mktemp("fseft-env")
-    registry = root / "models.json"
-    registry.write_text(json.dumps({"models": [{
-        "name": "tiny-test", "description": "random feature-size-12 network for tests",
-        "architecture": TINY_ARCHITECTURE,
-        "files": [{"url": "http://127.0.0.1:9/tiny.pt", "filename": "tiny.pt", "sha256": None, "size": None}],
-    }]}), encoding="utf-8")
-    env = dict(os.environ, FSEFT_CACHE=str(root / "cache"), FSEFT_REGISTRY=str(registry), PYTHONUNBUFFERED="1")
-    checkpoint = tiny_checkpoint(root / "tiny.pt")
-    result = fseft(["models", "import", str(checkpoint), "--name", "tiny-test"], env)
-    assert result.returncode == 0, result.stderr
-    return env
-
-
-def fseft(args, env, cwd=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "FSEFTSegmentLib", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
-
-
 def json_events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 

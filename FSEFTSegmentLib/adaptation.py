@@ -1,0 +1,250 @@
+"""The few-shot adaptation workflow: annotated supports in, an adapter artefact out.
+
+Reads each support image with its label (a label map value or a Slicer segment per target
+structure), checks what a user can get wrong (empty label, label on another grid, a query that is a
+support), brings everything into the model's space, trains the chosen method and saves the adapter
+folder atomically. Nothing is written unless training finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import monai
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .errors import InputError
+from .io.images import read_image
+from .io.segmentations import read_structure_mask
+from .labels import Structure, novel_structure, resolve_structure
+from .methods import get_method
+from .methods.adapted import AdaptedModel
+from .model.network import FoundationSwinUNETR
+from .prediction import model_structures
+from .preprocessing import CTPreprocessing
+from .priors import expected_volume_range
+from .progress import Progress
+from .training import TrainingCase, TrainingResult, TrainingSettings, adapt
+
+GEOMETRY_TOLERANCE = 1e-3  # mm (origin) and relative (spacing, direction)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A structure to adapt to, and how to find it in label files (value or segment; None = by name)."""
+
+    structure: Structure
+    selector: str | None = None
+
+
+@dataclass(frozen=True)
+class SupportSpec:
+    image: Path
+    labels: Path
+    selector: str | None = None  # LABELS:VALUE or LABELS:SEGMENT, for a single target structure
+
+
+def parse_target(text: str) -> Target:
+    """`NAME` or `NAME=VALUE|SEGMENT`; a name the foundation model does not know is a novel structure."""
+    name, _, selector = text.partition("=")
+    name = name.strip()
+    if not name:
+        raise InputError(f"--structure {text!r}: empty structure name")
+    try:
+        structure = resolve_structure(name)
+    except InputError:
+        structure = novel_structure(name)
+    return Target(structure, selector.strip() or None)
+
+
+def parse_support(image: str, labels: str) -> SupportSpec:
+    """`LABELS[:VALUE|:SEGMENT]`: the suffix is a selector only when the whole string is not a file."""
+    path, selector = labels, None
+    if not Path(labels).exists() and ":" in labels:
+        head, _, tail = labels.rpartition(":")
+        if head and tail and os.sep not in tail and "/" not in tail:
+            path, selector = head, tail
+    return SupportSpec(Path(image).expanduser(), Path(path).expanduser(), selector)
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file, or of a DICOM folder's files in name order (support provenance)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def study_id(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=GEOMETRY_TOLERANCE)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=GEOMETRY_TOLERANCE)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=GEOMETRY_TOLERANCE)
+    )
+
+
+def _target_mask(spec: SupportSpec, target: Target, single: bool) -> sitk.Image:
+    """The target's mask in the support's label file, by the most specific selector given."""
+    selector = target.selector or (spec.selector if single else None)
+    if selector is not None:
+        return read_structure_mask(spec.labels, selector)
+    candidates = dict.fromkeys([target.structure.name, target.structure.display_name])
+    for candidate in candidates:
+        try:
+            return read_structure_mask(spec.labels, candidate)
+        except InputError as error:
+            last = error
+    raise InputError(f"no segment for '{target.structure.name}' ({last}); name it with LABELS:SEGMENT or --structure NAME=VALUE")
+
+
+@dataclass
+class PreparedSupport:
+    case: TrainingCase
+    record: dict  # provenance for the adapter metadata
+    volumes_ml: list[float]  # per target, on the native grid
+
+
+def prepare_support(spec: SupportSpec, targets: Sequence[Target], preprocessing: CTPreprocessing) -> PreparedSupport:
+    image = read_image(spec.image)
+    masks = []
+    for target in targets:
+        mask = _target_mask(spec, target, single=len(targets) == 1)
+        if not _same_grid(mask, image):
+            raise InputError(
+                f"label grid differs from its image {spec.image.name} (size {mask.GetSize()} vs {image.GetSize()}, "
+                f"spacing {tuple(round(s, 3) for s in mask.GetSpacing())} vs {tuple(round(s, 3) for s in image.GetSpacing())})",
+                spec.labels,
+            )
+        array = sitk.GetArrayFromImage(mask)
+        if not array.any():
+            raise InputError(f"the label for '{target.structure.name}' is empty", spec.labels)
+        masks.append(array)
+    stacked = np.stack(masks).astype(np.uint8)
+    volume = preprocessing(image)
+    label = preprocessing.masks_to_model_space(stacked, image, volume)
+    for target, channel in zip(targets, label):
+        if not channel.any():
+            raise InputError(f"the label for '{target.structure.name}' vanishes at the model's resolution", spec.labels)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    record = {
+        "id": study_id(spec.image),
+        "image": str(spec.image),
+        "image_sha256": file_sha256(spec.image),
+        "labels": str(spec.labels) + (f":{spec.selector}" if spec.selector else ""),
+        "labels_sha256": file_sha256(spec.labels),
+    }
+    return PreparedSupport(TrainingCase(record["id"], volume, label), record, [float(m.sum()) * voxel_ml for m in stacked])
+
+
+def pretrained_rows(network: FoundationSwinUNETR, structures: Sequence[Structure]) -> list[int | None]:
+    """For each target, the base model's output channel of the same structure (zero-shot start), else None."""
+    known = [s.name for s in model_structures(network.architecture)]
+    return [known.index(s.name) if s.name in known else None for s in structures]
+
+
+def library_versions() -> dict:
+    return {"fseft": __version__, "torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class AdaptationRun:
+    model: AdaptedModel
+    result: TrainingResult
+    metadata: dict
+
+
+def run_adaptation(
+    network: FoundationSwinUNETR,
+    base: dict,
+    method_name: str,
+    targets: Sequence[Target],
+    supports: Sequence[SupportSpec],
+    queries: Sequence[Path],
+    settings: TrainingSettings,
+    device: torch.device,
+    progress: Progress,
+    tune_decoder: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> AdaptationRun:
+    """Prepare supports and queries, train, and return the adapted model with its metadata."""
+    method = get_method(method_name)
+    if tune_decoder and not method.combines_with_decoder:
+        raise InputError(f"--tune-decoder does not combine with '{method.name}' (it already trains the decoder)")
+    if not supports:
+        raise InputError("no supports: give at least one --support IMAGE LABELS")
+    if not targets:
+        raise InputError("no target structure: give --structure NAME")
+    names = [t.structure.name for t in targets]
+    if len(set(names)) != len(names):
+        raise InputError(f"a target structure is given twice: {', '.join(names)}")
+    preprocessing = CTPreprocessing(network.architecture)
+    prepared = []
+    for number, spec in enumerate(supports, 1):
+        progress.step((number - 1) / len(supports), f"reading support {number}/{len(supports)}: {spec.image.name}")
+        prepared.append(prepare_support(spec, targets, preprocessing))
+    support_hashes = {p.record["image_sha256"]: p.record["id"] for p in prepared}
+    query_cases = []
+    for path in queries:
+        image = read_image(path)
+        if file_sha256(Path(path)) in support_hashes:
+            progress.warning(f"{path}: this query is also a support ({support_hashes[file_sha256(Path(path))]}); its prediction is not a fair test")
+        query_cases.append(TrainingCase(study_id(Path(path)), preprocessing(image), None))
+
+    structures = [t.structure for t in targets]
+    rows = pretrained_rows(network, structures)
+    torch.manual_seed(settings.seed)  # new head rows and adapter weights are drawn here
+    model = AdaptedModel(network, method, rows, tune_decoder)
+    started = time.monotonic()
+    result = adapt(model, [p.case for p in prepared], settings, device, progress, queries=query_cases, should_stop=should_stop, structure_names=names)
+    expected = {
+        s.name: list(expected_volume_range([p.volumes_ml[i] for p in prepared], settings.size_prior_gamma))
+        for i, s in enumerate(structures)
+    }
+    metadata = {
+        "format": 1,
+        "base_model": base,
+        "method": method.name,
+        "tune_decoder": tune_decoder,
+        "hyper_parameters": asdict(settings),
+        "structures": [
+            {"name": s.name, "display_name": s.display_name, "color": list(s.color), "terminology": s.slicerio_terminology(), "pretrained_row": row}
+            for s, row in zip(structures, rows)
+        ],
+        "k": len(prepared),
+        "supports": [p.record for p in prepared],
+        "queries": [str(q) for q in queries],
+        "seed": settings.seed,
+        "size_prior": result.size_prior,
+        "expected_volumes_ml": expected,
+        "training_curve": result.curve,
+        "epochs": result.epochs,
+        "stopped_early": result.stopped_early,
+        "training_seconds": round(time.monotonic() - started, 2),
+        "trainable_parameters": model.trainable_count(),
+        "device": str(device),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return AdaptationRun(model, result, metadata)

@@ -1,0 +1,786 @@
+"""Few-shot adaptation with the paper's recipe, and a cache of frozen features for black-box methods.
+
+Recipe (paper-facts section 6, the 2025 code): one step = one support volume and `crops_per_step`
+random crops of the patch size (centres on foreground or background 1:1, image and label padded to
+at least one patch first), soft Dice loss (sigmoid, smooth 1) per crop and structure, averaged;
+AdamW without weight decay over the trainable parameters only; one warm-up epoch, then cosine
+decay stepped per epoch, for at most 200 epochs; one epoch = K steps over the K supports in a
+seeded random order; early stopping on the 10-epoch moving average of the training loss
+(`plateaued`). The frozen part of the backbone runs in eval mode.
+
+Feature cache. A black-box method (linear probe, spatial and 1x1 adapters) trains only modules that
+read the frozen `decoder1` features, so those are computed once per support, over the whole volume
+with the same Gaussian-blended sliding window prediction uses (so the head trains on what it will
+see at inference), stored as fp16 (in a deleted-on-close temporary file when larger than
+`cache_spill_bytes`), and each step's crops are cut from them: a step costs the head's forward and
+backward alone. Differences to the paper's recipe: the intensity-shift augmentation acted on the
+image before the backbone and cannot act on cached features, so cached training has none; a crop's
+features carry the context of the whole volume rather than of the crop alone (as at inference).
+With `precision="auto"` a cached head step runs under bf16 autocast, channels-last, where the CPU
+computes bf16 natively (AVX512-BF16/AMX) and on CUDA: several times faster for the spatial adapter,
+with training losses within 1e-4 of fp32 (benchmarks/adapt.py); the backbone itself follows
+prediction's precision rule (fp32 on the CPU).
+
+Transductive size prior (paper-facts section 9). With unlabeled query volumes, the mean support
+size S of each structure (largest component, trimmed for K >= 5: `priors`) bounds the query's
+predicted size (sum of its probabilities): once per epoch from `size_prior_start` on, the loss gains
+lambda * hinge outside [(1 - gamma) S, (1 + gamma) S] per query and structure (the paper's objective
+sum_k L_seg + lambda L_TI, one TI term per pass over the supports). Query features are cached too,
+average-pooled x2 as the paper's code, and each pooled voxel counts for the voxels it covers, so the
+predicted size stays in full-resolution voxels.
+
+Training writes no files; the caller saves the adapter. `should_stop()` is polled before every
+step (and every crop pass) and between sliding windows; when it answers true, `Cancelled` is raised
+and every cache this call made is released (spilled caches live in already-unlinked temporary
+files). A KeyboardInterrupt (SIGINT, or SIGTERM as the CLI maps it) propagates the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.losses import DiceLoss
+from monai.optimizers import WarmupCosineSchedule
+
+from .errors import Cancelled, InputError
+from .inference import autocast_dtype, window_count
+from .methods.adapted import AdaptedModel
+from .model.network import FoundationSwinUNETR
+from .progress import Progress
+
+#: share of the progress bar given to feature caching when it runs
+CACHE_PROGRESS_SHARE = 0.2
+
+
+@dataclass
+class TrainingCase:
+    """One support (with its label) or query (label None), already in model space."""
+
+    id: str
+    volume: torch.Tensor  # (1, X, Y, Z) preprocessed image (a MetaTensor from CTPreprocessing)
+    label: torch.Tensor | None = None  # (S, X, Y, Z) uint8, one channel per target structure
+    #: optional precomputed frozen features of this support (`cache_features`), to train several
+    #: black-box heads on the same supports and network without recomputing them; left open
+    features: "FeatureCache | None" = None
+
+
+@dataclass
+class TrainingSettings:
+    max_epochs: int = 200
+    crops_per_step: int = 6
+    positive_fraction: float = 0.5  # the paper's pos:neg = 1:1
+    crop_size: int | None = None  # None: the architecture's patch size
+    learning_rate: float | None = None  # None: the method's (its decoder-tuned rate with --tune-decoder)
+    warmup_epochs: int = 1
+    #: the warm-up starts at lr * this; None = 1 / warmup_epochs, as the paper's code
+    #: (`warmup_start_lr = lr / warmup_epoch`, which for its single warm-up epoch is lr itself)
+    warmup_start_factor: float | None = None
+    intensity_shift: float = 0.1  # MONAI RandShiftIntensity offsets, per crop, before the backbone
+    intensity_shift_prob: float = 0.2  # the paper's code (RandShiftIntensityd(offsets=0.1, prob=0.2))
+    early_stop: bool = True
+    early_stop_after: int = 31
+    early_stop_patience: int = 20
+    early_stop_average: int = 10
+    early_stop_min_delta: float = 1e-3
+    seed: int = 0
+    feature_cache: bool | None = None  # None: cache whenever the backbone is frozen
+    cache_spill_bytes: int = 2 * 1024**3  # larger feature volumes go to a temporary file
+    cache_dir: str | None = None  # where spilled caches live (None: the system's temporary folder)
+    #: crops per forward/backward pass (gradients accumulate: same result, less memory);
+    #: None = all crops at once, except one at a time when gradients flow through the backbone
+    crops_per_pass: int | None = None
+    size_prior: bool = False
+    size_prior_gamma: float = 0.3
+    size_prior_weight: float = 0.1
+    size_prior_start: int | None = None  # first epoch (0-based) with the prior; None: max_epochs // 4
+    sw_batch_size: int = 2
+    overlap: float = 0.25
+    #: auto | fp32 | bf16 | fp16. auto: like prediction for the backbone (fp32 on the CPU, bf16/fp16 on
+    #: CUDA); the cached head step runs under bf16 autocast where the CPU has native bf16 (or on CUDA)
+    precision: str = "auto"
+    channels_last: bool | None = None  # None: channels-last 3D for cached head steps
+
+
+@dataclass
+class TrainingResult:
+    epochs: int
+    stopped_early: bool
+    curve: list[dict]  # per epoch: epoch (1-based), loss (mean Dice loss), lr, seconds [, size_prior_loss]
+    seconds: float
+    learning_rate: float = 0.0
+    feature_cache: bool = False
+    size_prior: dict | None = None
+
+
+# --------------------------------------------------------------------------------------------- rules
+
+
+def plateaued(
+    losses: Sequence[float], after: int = 31, patience: int = 20, average: int = 10, min_delta: float = 1e-3
+) -> bool:
+    """The paper's early-stopping rule on the per-epoch training losses (oldest first).
+
+    Once `after` epochs are done, smooth the losses with an `average`-epoch moving average and stop
+    when the latest smoothed value is not at least `min_delta` below the one `patience` entries back
+    (19 epochs earlier with the defaults, as the paper's code compares `smooth[-20]` with `smooth[-1]`).
+    """
+    if len(losses) < max(after, average + patience - 1):
+        return False
+    smooth = np.convolve(np.asarray(losses, dtype=float), np.ones(average) / average, mode="valid")
+    return bool(smooth[-patience] - smooth[-1] < min_delta)
+
+
+def learning_rate_for(model: AdaptedModel, settings: TrainingSettings) -> float:
+    if settings.learning_rate is not None:
+        return float(settings.learning_rate)
+    method = model.method
+    return float(method.learning_rate_with_decoder if model.tune_decoder else method.learning_rate)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
+def step_autocast_dtype(device: torch.device, precision: str, cached: bool) -> torch.dtype | None:
+    """Autocast dtype of a gradient step: `cached` steps run the head alone on cached features."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(f"unknown precision '{precision}'; choose auto, fp32, bf16 or fp16")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if cached and device.type == "cpu" and native_bf16_cpu() else None
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("fp16 training needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# ------------------------------------------------------------------------------------------- crops
+
+
+def pad_to(tensor: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Zero-pad the last three dims to at least `size`, symmetrically (MONAI SpatialPad); returns the
+    padded tensor and the offset of the original inside it."""
+    before, pads = [], []
+    for dim in tensor.shape[-3:]:
+        diff = max(size - dim, 0)
+        before.append(diff // 2)
+        pads.append((diff // 2, diff - diff // 2))
+    if not any(diff for pair in pads for diff in pair):
+        return tensor, (0, 0, 0)
+    flat = [value for pair in reversed(pads) for value in pair]  # F.pad: last dim first
+    return F.pad(tensor, flat), tuple(before)
+
+
+class CropSampler:
+    """Crop starts centred on a random foreground voxel (of any structure) or a random background
+    voxel, as MONAI's RandCropByPosNegLabel with `image_threshold=0` (background inside the body
+    when there is any); each crop is positive with probability `positive_fraction`; centres are
+    moved so the crop stays inside the volume."""
+
+    def __init__(self, label: torch.Tensor, image: torch.Tensor | None = None):
+        label = label if label.dim() == 4 else label[None]
+        self.shape = tuple(int(n) for n in label.shape[-3:])
+        foreground = (label != 0).any(0).reshape(-1)
+        self.foreground = torch.nonzero(foreground).flatten()
+        background = ~foreground
+        if image is not None:
+            inside = background & (image.reshape(-1) > 0)
+            if bool(inside.any()):
+                background = inside
+        self.background = background
+        self.background_count = int(background.sum())
+        self._background_indices: torch.Tensor | None = None
+
+    def _background_index(self, generator: torch.Generator) -> int:
+        total = self.background.numel()
+        if self.background_count >= total // 20:  # rejection sampling: cheap when background is common
+            for _ in range(64):
+                candidates = torch.randint(total, (64,), generator=generator)
+                hits = candidates[self.background[candidates]]
+                if hits.numel():
+                    return int(hits[0])
+        if self._background_indices is None:
+            self._background_indices = torch.nonzero(self.background).flatten()
+        return int(self._background_indices[torch.randint(len(self._background_indices), (1,), generator=generator)])
+
+    def sample(self, crop_size: int, count: int, positive_fraction: float, generator: torch.Generator) -> list[tuple[int, int, int]]:
+        if any(n < crop_size for n in self.shape):
+            raise ValueError(f"volume {self.shape} is smaller than the crop {crop_size}: pad it first")
+        starts = []
+        for _ in range(count):
+            positive = float(torch.rand((), generator=generator)) < positive_fraction
+            if (positive and len(self.foreground)) or not self.background_count:
+                index = int(self.foreground[torch.randint(len(self.foreground), (1,), generator=generator)])
+            else:
+                index = self._background_index(generator)
+            centre = np.unravel_index(index, self.shape)
+            starts.append(tuple(int(min(max(c - crop_size // 2, 0), n - crop_size)) for c, n in zip(centre, self.shape)))
+        return starts
+
+
+def sample_crop_starts(
+    label: torch.Tensor,
+    crop_size: int,
+    count: int,
+    positive_fraction: float,
+    generator: torch.Generator,
+    image: torch.Tensor | None = None,
+) -> list[tuple[int, int, int]]:
+    """`count` crop starts in a (S, X, Y, Z) label at least `crop_size` wide (see `CropSampler`)."""
+    return CropSampler(label, image).sample(crop_size, count, positive_fraction, generator)
+
+
+def _cut(tensor: torch.Tensor, start: Sequence[int], size: int) -> torch.Tensor:
+    x, y, z = start
+    return tensor[..., x : x + size, y : y + size, z : z + size]
+
+
+# ----------------------------------------------------------------------------------- feature cache
+
+
+class FeatureCache:
+    """The frozen `decoder1` features of one whole volume, computed once.
+
+    Windows follow prediction exactly (MONAI's window grid and Gaussian importance map, patch-size
+    windows, the same overlap): each window's features are weighted, accumulated and normalised.
+    Only a band one window deep is accumulated in fp32; finished rows go straight to the fp16
+    store, (X, Y, Z, F) so a crop is one contiguous read, in RAM or, above `spill_bytes`, in a
+    temporary file that is already unlinked (POSIX) or deleted on close (Windows), so nothing is
+    left behind even if the process dies.
+    """
+
+    def __init__(
+        self,
+        network: FoundationSwinUNETR,
+        volume: torch.Tensor,
+        device: torch.device,
+        *,
+        overlap: float = 0.25,
+        sw_batch_size: int = 2,
+        precision: str = "auto",
+        spill_bytes: int = 2 * 1024**3,
+        spill_dir: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_window: Callable[[int, int], None] | None = None,
+    ):
+        roi = network.architecture.patch_size
+        self.shape = tuple(int(n) for n in volume.shape[-3:])
+        if any(n < roi for n in self.shape):
+            raise ValueError(f"volume {self.shape} is smaller than the window {roi}: pad it first")
+        self.channels = network.architecture.feature_size
+        self.nbytes = math.prod(self.shape) * self.channels * 2
+        self._file = None
+        if self.nbytes > spill_bytes:
+            self._file = tempfile.TemporaryFile(prefix="fseft-features-", suffix=".f16", dir=spill_dir)
+            self.data = np.memmap(self._file, dtype=np.float16, mode="w+", shape=(*self.shape, self.channels))
+        else:
+            self.data = np.empty((*self.shape, self.channels), dtype=np.float16)
+        try:
+            self._fill(network, volume, device, roi, overlap, sw_batch_size, precision, should_stop, on_window)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def _fill(self, network, volume, device, roi, overlap, sw_batch_size, precision, should_stop, on_window) -> None:
+        volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+        volume = volume.reshape(1, 1, *self.shape).float()
+        interval = [roi if n == roi else max(int(roi * (1 - overlap)), 1) for n in self.shape]
+        windows = sorted(dense_patch_slices(self.shape, (roi,) * 3, interval), key=lambda s: int(s[0].start))
+        weight = compute_importance_map((roi,) * 3, mode="gaussian", sigma_scale=0.125, device="cpu", dtype=torch.float32)
+        _, width, depth = self.shape
+        accumulated = torch.zeros((self.channels, roi, width, depth), dtype=torch.float32)
+        weights = torch.zeros((roi, width, depth), dtype=torch.float32)
+        base = 0  # volume row of accumulated[:, 0]
+
+        def flush(upto: int) -> None:
+            nonlocal base
+            rows = upto - base
+            if rows <= 0:
+                return
+            finished = accumulated[:, :rows] / weights[:rows]
+            self.data[base:upto] = finished.permute(1, 2, 3, 0).to(torch.float16).numpy()
+            accumulated[:, : roi - rows] = accumulated[:, rows:].clone()
+            accumulated[:, roi - rows :] = 0
+            weights[: roi - rows] = weights[rows:].clone()
+            weights[roi - rows :] = 0
+            base = upto
+
+        dtype = autocast_dtype(device, precision)
+        cast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        network.eval()
+        done = 0
+        for first in range(0, len(windows), sw_batch_size):
+            if should_stop is not None and should_stop():
+                raise Cancelled("adaptation cancelled; nothing was saved")
+            batch = windows[first : first + sw_batch_size]
+            inputs = torch.cat([volume[(slice(None), slice(None), *window)] for window in batch]).to(device)
+            with torch.inference_mode(), cast:
+                features = network.features(inputs).float().cpu()
+            for window, window_features in zip(batch, features):
+                sx, sy, sz = window
+                if int(sx.start) > base:
+                    flush(int(sx.start))
+                local = slice(int(sx.start) - base, int(sx.stop) - base)
+                accumulated[:, local, sy, sz] += window_features * weight
+                weights[local, sy, sz] += weight
+            done += len(batch)
+            if on_window is not None:
+                on_window(done, len(windows))
+        flush(self.shape[0])
+
+    def crop(self, start: Sequence[int], size: int) -> torch.Tensor:
+        """Features of the crop at `start`: (1, F, s, s, s) float32 in channels-last-3D layout."""
+        x, y, z = (int(v) for v in start)
+        block = torch.from_numpy(np.ascontiguousarray(self.data[x : x + size, y : y + size, z : z + size]))
+        return block.float().permute(3, 0, 1, 2).unsqueeze(0)
+
+    def crops(self, starts: Sequence[Sequence[int]], size: int) -> torch.Tensor:
+        """Several crops as one (n, F, s, s, s) float32 batch in channels-last-3D layout, each
+        converted from fp16 straight into its place (no intermediate copies)."""
+        batch = torch.empty((len(starts), size, size, size, self.channels), dtype=torch.float32)
+        for index, (x, y, z) in enumerate(starts):
+            batch[index] = torch.from_numpy(self.data[x : x + size, y : y + size, z : z + size])
+        return batch.permute(0, 4, 1, 2, 3)
+
+    def pooled(self, factor: int = 2, rows: int = 32) -> torch.Tensor:
+        """The whole feature volume average-pooled by `factor` (partial cells at the far edges
+        average what they cover): (1, F, ceil(X/f), ceil(Y/f), ceil(Z/f)) fp16."""
+        step = rows * factor
+        parts = []
+        for x in range(0, self.shape[0], step):
+            block = torch.from_numpy(np.ascontiguousarray(self.data[x : x + step])).float().permute(3, 0, 1, 2)[None]
+            parts.append(F.avg_pool3d(block, factor, ceil_mode=True).to(torch.float16))
+        return torch.cat(parts, dim=2)
+
+    def close(self) -> None:
+        self.data = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Support:
+    case: TrainingCase
+    volume: torch.Tensor  # (1, X, Y, Z) padded
+    label: torch.Tensor  # (S, X, Y, Z) uint8 padded
+    sampler: CropSampler
+    cache: FeatureCache | None = None
+    owns_cache: bool = False
+
+
+@dataclass
+class _Query:
+    case: TrainingCase
+    features: torch.Tensor  # (1, F, x, y, z) fp16, pooled x2
+    cover: torch.Tensor  # (x, y, z) float: full-resolution voxels of the unpadded query each cell covers
+
+
+def _padded_size(settings: TrainingSettings, architecture) -> int:
+    """Supports are padded to at least one crop and one sliding window in every dimension."""
+    return max(settings.crop_size or architecture.patch_size, architecture.patch_size)
+
+
+def cache_features(
+    network: FoundationSwinUNETR,
+    case: TrainingCase,
+    device: torch.device = torch.device("cpu"),
+    settings: TrainingSettings = TrainingSettings(),
+    should_stop: Callable[[], bool] | None = None,
+    on_window: Callable[[int, int], None] | None = None,
+) -> FeatureCache:
+    """The frozen features `adapt` computes for a support (padded the same way), to pass in
+    `TrainingCase.features` when several black-box heads train on the same supports and network.
+    The caller closes it."""
+    volume = case.volume.as_tensor() if hasattr(case.volume, "as_tensor") else case.volume
+    padded, _ = pad_to(volume.float(), _padded_size(settings, network.architecture))
+    return FeatureCache(
+        network,
+        padded,
+        device,
+        overlap=settings.overlap,
+        sw_batch_size=settings.sw_batch_size,
+        precision=settings.precision,
+        spill_bytes=settings.cache_spill_bytes,
+        spill_dir=settings.cache_dir,
+        should_stop=should_stop,
+        on_window=on_window,
+    )
+
+
+def _chunks(count: int, size: int) -> list[range]:
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def adapt(
+    model: AdaptedModel,
+    supports: Sequence[TrainingCase],
+    settings: TrainingSettings = TrainingSettings(),
+    device: torch.device = torch.device("cpu"),
+    progress: Progress | None = None,
+    queries: Sequence[TrainingCase] = (),
+    should_stop: Callable[[], bool] | None = None,
+    structure_names: Sequence[str] = (),
+) -> TrainingResult:
+    """Train `model`'s trainable parameters on the labelled `supports` (in place); see the module doc.
+
+    The head's random parts (adapter convolutions, novel-structure rows) are initialised when the
+    `AdaptedModel` is built: seed torch before that for a fully reproducible run; everything here
+    (support order, crops, augmentation) draws from generators seeded with `settings.seed`.
+    `structure_names` name the head's outputs in `TrainingResult.size_prior` (default "0", "1", ...).
+    """
+    progress = progress or Progress()
+    started = time.monotonic()
+    network = model.network
+    architecture = network.architecture
+    crop = settings.crop_size or architecture.patch_size
+    frozen = model.backbone_frozen
+    cached = frozen if settings.feature_cache is None else bool(settings.feature_cache)
+    outputs = model.head[-1].out_channels
+    _validate(model, supports, queries, settings, crop, frozen, cached, outputs)
+    if structure_names and len(structure_names) != outputs:
+        raise ValueError(f"{len(structure_names)} structure names for a head with {outputs} outputs")
+
+    lr = learning_rate_for(model, settings)
+    step_dtype = step_autocast_dtype(device, settings.precision, cached)
+    channels_last = cached if settings.channels_last is None else settings.channels_last
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    per_pass = settings.crops_per_pass or (1 if not frozen else settings.crops_per_step)
+    window = _padded_size(settings, architecture)
+
+    generators = [torch.Generator().manual_seed(settings.seed + offset) for offset in range(3)]
+    order_rng, crop_rng, shift_rng = generators
+
+    model.to(device)
+    network.train(not frozen)  # frozen backbone in eval mode, as the paper (no dropout or batch norm anyway)
+    model.head.train()
+    if channels_last:
+        model.head.to(memory_format=torch.channels_last_3d)
+    prepared: list[_Support] = []
+    query_states: list[_Query] = []
+    try:
+        for case in supports:
+            volume = case.volume.as_tensor() if hasattr(case.volume, "as_tensor") else case.volume
+            volume, _ = pad_to(volume.float(), window)
+            label, _ = pad_to(case.label.to(torch.uint8), window)
+            prepared.append(_Support(case, volume, label, CropSampler(label, volume[0])))
+        names = list(structure_names) or [str(channel) for channel in range(outputs)]
+        priors_by_structure = _size_priors(supports, outputs, names) if settings.size_prior else None
+
+        if cached or settings.size_prior:
+            _cache_features(model, prepared, queries, query_states, settings, device, cached, progress, should_stop)
+
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+        warm = max(settings.warmup_epochs, 0)
+        factor = settings.warmup_start_factor if settings.warmup_start_factor is not None else 1.0 / max(warm, 1)
+        scheduler = WarmupCosineSchedule(
+            optimizer, warmup_steps=warm, t_total=settings.max_epochs, warmup_multiplier=min(max(factor, 0.0), 1.0)
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=step_dtype == torch.float16)
+        dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)
+        cast = torch.autocast(device.type, dtype=step_dtype) if step_dtype else nullcontext()
+        prior_start = settings.size_prior_start if settings.size_prior_start is not None else settings.max_epochs // 4
+        earliest_stop = settings.early_stop_after
+        if settings.size_prior:
+            earliest_stop = max(earliest_stop, prior_start + settings.early_stop_patience)
+
+        progress.info(
+            f"adapting with {model.method.name}: {model.trainable_count():,} trainable parameters, "
+            f"{len(supports)} support(s), lr {lr:g}, feature cache {'on' if cached else 'off'}"
+            + (f", size prior on {len(queries)} query volume(s)" if settings.size_prior else "")
+        )
+
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            if cached:
+                return model.head(inputs)
+            if frozen:
+                with torch.no_grad():
+                    features = network.features(inputs)
+                return model.head(features.contiguous(memory_format=memory_format))
+            return model.head(network.features(inputs))
+
+        def support_step(support: _Support) -> float:
+            count = settings.crops_per_step
+            starts = support.sampler.sample(crop, count, settings.positive_fraction, crop_rng)
+            labels = torch.stack([_cut(support.label, start, crop) for start in starts]).float()
+            if cached:
+                source = support.cache.crops(starts, crop)  # (n, F, s, s, s)
+            else:
+                images = []
+                for start in starts:
+                    image = _cut(support.volume, start, crop)[None]
+                    if float(torch.rand((), generator=shift_rng)) < settings.intensity_shift_prob:
+                        offset = (2 * float(torch.rand((), generator=shift_rng)) - 1) * settings.intensity_shift
+                        image = image + offset
+                    images.append(image)
+                source = torch.cat(images)  # (n, 1, s, s, s)
+            total = 0.0
+            for part in _chunks(count, per_pass):
+                if part.start and should_stop is not None and should_stop():
+                    raise Cancelled("adaptation cancelled; nothing was saved")
+                batch = source[part.start : part.stop].to(device).contiguous(memory_format=memory_format)
+                with cast:
+                    logits = forward(batch)
+                loss = dice(logits.float(), labels[part.start : part.stop].to(device))
+                scaler.scale(loss * (len(part) / count)).backward()
+                total += float(loss.detach()) * len(part) / count
+            return total
+
+        def prior_term() -> float:
+            terms = []
+            for query in query_states:
+                sizes = _query_sizes(model, query, device, cast, memory_format)
+                per_structure = [
+                    _size_prior_loss(sizes[c], priors_by_structure[c]["voxels"], settings.size_prior_gamma)
+                    for c in range(outputs)
+                ]
+                terms.append(torch.stack(per_structure).mean())
+            term = settings.size_prior_weight * torch.stack(terms).sum()
+            scaler.scale(term).backward()
+            return float(term.detach())
+
+        curve: list[dict] = []
+        losses: list[float] = []
+        stopped_early = False
+        total_steps = settings.max_epochs * len(prepared)
+        steps_done = 0
+        share = CACHE_PROGRESS_SHARE if (cached or settings.size_prior) else 0.0
+        training_started = time.monotonic()
+        for epoch in range(settings.max_epochs):
+            epoch_started = time.monotonic()
+            lr_now = optimizer.param_groups[0]["lr"]
+            order = torch.randperm(len(prepared), generator=order_rng).tolist()
+            step_losses = []
+            prior_loss = None
+            for position, index in enumerate(order):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("adaptation cancelled; nothing was saved")
+                optimizer.zero_grad(set_to_none=True)
+                step_losses.append(support_step(prepared[index]))
+                if settings.size_prior and epoch >= prior_start and position == len(order) - 1:
+                    prior_loss = prior_term()
+                scaler.step(optimizer)
+                scaler.update()
+                steps_done += 1
+                progress.step(
+                    share + (1 - share) * steps_done / total_steps,
+                    f"epoch {epoch + 1}/{settings.max_epochs}, step {position + 1}/{len(order)}",
+                )
+            scheduler.step()
+            epoch_loss = float(np.mean(step_losses))
+            losses.append(epoch_loss)
+            seconds = time.monotonic() - epoch_started
+            entry = {"epoch": epoch + 1, "loss": round(epoch_loss, 6), "lr": lr_now, "seconds": round(seconds, 3)}
+            if prior_loss is not None:
+                entry["size_prior_loss"] = round(prior_loss, 6)
+            curve.append(entry)
+            elapsed = time.monotonic() - training_started
+            remaining = settings.max_epochs - (epoch + 1)
+            eta = elapsed / (epoch + 1) * remaining
+            progress.emit(
+                "epoch",
+                epoch=epoch + 1,
+                epochs=settings.max_epochs,
+                loss=round(epoch_loss, 5),
+                lr=lr_now,
+                elapsed=round(time.monotonic() - started, 1),
+                eta=round(eta, 1),
+                message=f"epoch {epoch + 1}/{settings.max_epochs}: loss {epoch_loss:.4f}, lr {lr_now:.2e}, "
+                f"{elapsed:.0f} s elapsed, at most {eta:.0f} s left",
+            )
+            if (
+                settings.early_stop
+                and len(losses) >= earliest_stop
+                and plateaued(
+                    losses,
+                    settings.early_stop_after,
+                    settings.early_stop_patience,
+                    settings.early_stop_average,
+                    settings.early_stop_min_delta,
+                )
+            ):
+                stopped_early = True
+                progress.info(f"training loss on a plateau: stopped after epoch {epoch + 1}")
+                break
+
+        size_prior = None
+        if settings.size_prior:
+            size_prior = _size_prior_record(
+                model, query_states, priors_by_structure, names, settings, prior_start, device, cast, memory_format
+            )
+        return TrainingResult(
+            epochs=len(curve),
+            stopped_early=stopped_early,
+            curve=curve,
+            seconds=round(time.monotonic() - started, 3),
+            learning_rate=lr,
+            feature_cache=cached,
+            size_prior=size_prior,
+        )
+    finally:
+        for support in prepared:
+            if support.cache is not None and support.owns_cache:
+                support.cache.close()
+        query_states.clear()
+        if channels_last:
+            model.head.to(memory_format=torch.contiguous_format)  # artefacts store contiguous tensors
+        model.eval()
+
+
+def _validate(model, supports, queries, settings, crop, frozen, cached, outputs) -> None:
+    if not supports:
+        raise InputError("adaptation needs at least one labelled support volume")
+    for case in supports:
+        if case.label is None:
+            raise InputError(f"support '{case.id}' has no label")
+        if case.label.dim() != 4 or case.label.shape[0] != outputs:
+            raise InputError(
+                f"support '{case.id}': label has shape {tuple(case.label.shape)}, expected ({outputs}, X, Y, Z)"
+            )
+        if tuple(case.label.shape[1:]) != tuple(case.volume.shape[-3:]):
+            raise InputError(f"support '{case.id}': label {tuple(case.label.shape[1:])} and image {tuple(case.volume.shape[-3:])} differ")
+    if settings.max_epochs < 1 or settings.crops_per_step < 1:
+        raise InputError("max_epochs and crops_per_step must be at least 1")
+    if not cached and crop % 32:
+        raise InputError(f"crop size {crop} must be a multiple of 32 for the network")
+    if cached and not frozen:
+        raise InputError("the feature cache needs a frozen backbone (a black-box method without --tune-decoder)")
+    if settings.size_prior:
+        if not frozen:
+            from .methods import METHODS
+
+            names = ", ".join(name for name, method in METHODS.items() if method.black_box)
+            raise InputError(f"--size-prior needs a black-box method ({names}) without --tune-decoder")
+        if not queries:
+            raise InputError("--size-prior needs at least one unlabeled --query volume")
+
+
+def _size_priors(supports: Sequence[TrainingCase], outputs: int, names: Sequence[str]) -> list[dict]:
+    """S per structure: the supports' (trimmed) mean size of their largest component, in voxels."""
+    from . import priors
+
+    result = []
+    for channel in range(outputs):
+        sizes = [float(priors.support_size(case.label[channel])) for case in supports]
+        prior = float(priors.size_prior(sizes))
+        if prior <= 0:
+            raise InputError(f"--size-prior: the supports' labels of structure '{names[channel]}' are empty")
+        result.append({"voxels": prior, "support_voxels": sizes})
+    return result
+
+
+def _size_prior_loss(predicted: torch.Tensor, prior: float, gamma: float) -> torch.Tensor:
+    from . import priors
+
+    return priors.size_prior_loss(predicted, prior, gamma)
+
+
+def _cache_features(model, prepared, queries, query_states, settings, device, cached, progress, should_stop) -> None:
+    """Frozen features of every support (when training on the cache) and every query (size prior)."""
+    network = model.network
+    roi = network.architecture.patch_size
+    jobs: list[tuple[TrainingCase, torch.Tensor, _Support | None, tuple | None]] = []
+    for support in prepared:
+        if cached and support.case.features is not None:
+            if support.case.features.shape != tuple(support.volume.shape[-3:]) or support.case.features.data is None:
+                raise InputError(f"support '{support.case.id}': its precomputed features do not fit its padded volume")
+            support.cache = support.case.features
+        elif cached:
+            jobs.append((support.case, support.volume, support, None))
+    if settings.size_prior:
+        for case in queries:
+            volume = case.volume.as_tensor() if hasattr(case.volume, "as_tensor") else case.volume
+            padded, offset = pad_to(volume.float(), roi)
+            jobs.append((case, padded, None, (offset, tuple(volume.shape[-3:]))))
+    counts = [window_count(volume.shape[-3:], roi, settings.overlap) for _, volume, _, _ in jobs]
+    total = max(sum(counts), 1)
+    for number, (case, volume, support, query) in enumerate(jobs):
+        before = sum(counts[:number])
+
+        def on_window(done: int, count: int, case_id=case.id, number=number, before=before) -> None:
+            progress.step(
+                CACHE_PROGRESS_SHARE * (before + done) / total,
+                f"frozen features of {case_id} ({number + 1}/{len(jobs)}): window {done}/{count}",
+            )
+
+        cache = FeatureCache(
+            network,
+            volume,
+            device,
+            overlap=settings.overlap,
+            sw_batch_size=settings.sw_batch_size,
+            precision=settings.precision,
+            spill_bytes=settings.cache_spill_bytes,
+            spill_dir=settings.cache_dir,
+            should_stop=should_stop,
+            on_window=on_window,
+        )
+        if support is not None:
+            support.cache, support.owns_cache = cache, True  # closed by adapt() when training ends, however it ends
+            continue
+        with cache:
+            pooled = cache.pooled(2)
+        (offset, shape) = query
+        valid = torch.zeros((1, 1, *volume.shape[-3:]))
+        valid[(0, 0, *(slice(o, o + n) for o, n in zip(offset, shape)))] = 1
+        cover = F.avg_pool3d(valid, 2, ceil_mode=True, divisor_override=1)[0, 0]
+        query_states.append(_Query(case, pooled, cover))
+
+
+def _query_sizes(model, query: _Query, device, cast, memory_format) -> torch.Tensor:
+    """Predicted size of each structure in the query: sum of probabilities, in full-resolution voxels."""
+    features = query.features.to(device).float().contiguous(memory_format=memory_format)
+    with cast:
+        logits = model.head(features)
+    probabilities = torch.sigmoid(logits.float())[0]
+    return (probabilities * query.cover.to(device)).sum(dim=(1, 2, 3))
+
+
+def _size_prior_record(model, query_states, priors_by_structure, names, settings, prior_start, device, cast, memory_format) -> dict:
+    """Per structure: the prior S (voxels and mL), its accepted range, and each query's final predicted size."""
+    voxel_ml = model.network.architecture.spacing_mm**3 / 1000.0
+    gamma = settings.size_prior_gamma
+    with torch.no_grad():
+        final = {query.case.id: _query_sizes(model, query, device, cast, memory_format).tolist() for query in query_states}
+    record = {}
+    for channel, (name, prior) in enumerate(zip(names, priors_by_structure)):
+        voxels = prior["voxels"]
+        record[name] = {
+            "prior_voxels": round(voxels, 2),
+            "prior_ml": round(voxels * voxel_ml, 3),
+            "range_ml": [round((1 - gamma) * voxels * voxel_ml, 3), round((1 + gamma) * voxels * voxel_ml, 3)],
+            "support_voxels": prior["support_voxels"],
+            "gamma": gamma,
+            "weight": settings.size_prior_weight,
+            "start_epoch": prior_start + 1,
+            "queries": {
+                query_id: {"voxels": round(sizes[channel], 2), "ml": round(sizes[channel] * voxel_ml, 3)}
+                for query_id, sizes in final.items()
+            },
+        }
+    return record
