@@ -418,9 +418,13 @@ def cache_features(
     The caller closes it."""
     volume = case.volume.as_tensor() if hasattr(case.volume, "as_tensor") else case.volume
     padded, _ = pad_to(volume.float(), _padded_size(settings, network.architecture))
+    return _feature_cache(network, padded, device, settings, should_stop, on_window)
+
+
+def _feature_cache(network, volume, device, settings: TrainingSettings, should_stop, on_window) -> FeatureCache:
     return FeatureCache(
         network,
-        padded,
+        volume,
         device,
         overlap=settings.overlap,
         sw_batch_size=settings.sw_batch_size,
@@ -728,18 +732,7 @@ def _cache_features(model, prepared, queries, query_states, settings, device, ca
                 f"frozen features of {case_id} ({number + 1}/{len(jobs)}): window {done}/{count}",
             )
 
-        cache = FeatureCache(
-            network,
-            volume,
-            device,
-            overlap=settings.overlap,
-            sw_batch_size=settings.sw_batch_size,
-            precision=settings.precision,
-            spill_bytes=settings.cache_spill_bytes,
-            spill_dir=settings.cache_dir,
-            should_stop=should_stop,
-            on_window=on_window,
-        )
+        cache = _feature_cache(network, volume, device, settings, should_stop, on_window)
         if support is not None:
             support.cache, support.owns_cache = cache, True  # closed by adapt() when training ends, however it ends
             continue

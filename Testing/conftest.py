@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -97,3 +99,17 @@ def environment(tmp_path_factory):
 
 def fseft(args, env, cwd=None, **kwargs):
     return subprocess.run([sys.executable, "-m", "FSEFTSegmentLib", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def terminate_on_event(args, env, event: str) -> tuple[int, str, float]:
+    """Run `fseft ARGS --progress json`, send SIGTERM at the first `event`; (exit code, stderr, seconds to exit)."""
+    process = subprocess.Popen([sys.executable, "-m", "FSEFTSegmentLib", *args, "--progress", "json"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if f'"event": "{event}"' in line:
+            break
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    return process.returncode, stderr, time.monotonic() - sent
+

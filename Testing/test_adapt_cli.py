@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA, fseft
+from conftest import SHARED_DATA, fseft, terminate_on_event
 from FSEFTSegmentLib.io.segmentations import write_segmentation
 from FSEFTSegmentLib.labels import resolve_structure
 from synthetic import body_phantom
@@ -132,19 +128,11 @@ def test_bad_supports_fail_with_one_line(environment, supports, tmp_path):
 def test_sigterm_cancels_and_leaves_no_adapter(environment, supports, tmp_path):
     (image0, labels0), _ = supports
     out = tmp_path / "adapter"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "FSEFTSegmentLib", "adapt", "--model", "tiny-test", "--method", "lora", "--support", str(image0),
-         f"{labels0}:3", "--structure", "liver", "--out", str(out), "--max-epochs", "200", "--crops-per-step", "1", "--progress", "json"],
-        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    for line in process.stdout:
-        if '"event": "epoch"' in line:
-            break
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "cancelled" in stderr and "Traceback" not in stderr
-    assert time.monotonic() - sent < 30
+    code, stderr, seconds = terminate_on_event(
+        ["adapt", "--model", "tiny-test", "--method", "lora", "--support", str(image0), f"{labels0}:3", "--structure", "liver",
+         "--out", str(out), "--max-epochs", "200", "--crops-per-step", "1"], environment, "epoch")
+    assert code == 130 and "cancelled" in stderr and "Traceback" not in stderr
+    assert seconds < 30
     assert not out.exists() and not list(tmp_path.glob(".*adapter*"))
 
 

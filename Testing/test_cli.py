@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from conftest import SHARED_DATA, fseft
+from conftest import SHARED_DATA, fseft, terminate_on_event
 from synthetic import body_phantom, oblique_direction
 
 REAL_CT = SHARED_DATA / "real-ct" / "totalseg-abdomen" / "ct.nii.gz"
@@ -174,18 +170,9 @@ def test_sigterm_cancels_without_partial_output(environment, tmp_path):
     image, _ = body_phantom(size=(120, 120, 60), spacing=(1.5, 1.5, 3.0))
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "FSEFTSegmentLib", "predict", "--model", "tiny-test", "--out", str(out), "--progress", "json", str(tmp_path / "ct.nii.gz")],
-        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    for line in process.stdout:
-        if '"event": "progress"' in line:
-            break
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "cancelled" in stderr and "Traceback" not in stderr
-    assert time.monotonic() - sent < 30
+    code, stderr, seconds = terminate_on_event(["predict", "--model", "tiny-test", "--out", str(out), str(tmp_path / "ct.nii.gz")], environment, "progress")
+    assert code == 130 and "cancelled" in stderr and "Traceback" not in stderr
+    assert seconds < 30
     assert not out.exists() or not any(out.iterdir())
 
 
