@@ -31,8 +31,9 @@ ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding FSEFTSeg
 # What the engine's interpreter needs beyond torch (installed through SlicerPyTorch, which picks the
 # build for the GPU driver) and beyond what Slicer ships (numpy, SimpleITK, pydicom: reinstalling
 # those breaks Slicer). Distribution name -> requirement; kept in step with pyproject.toml by a test.
-ENGINE_REQUIREMENTS = {"monai": "monai>=1.6,<2", "einops": "einops>=0.7", "safetensors": "safetensors>=0.4",
-                       "slicerio": "slicerio>=1.1", "pynrrd": "pynrrd>=1.0", "pyyaml": "pyyaml>=6"}
+ENGINE_REQUIREMENTS = {"monai": "monai>=1.6,<2", "einops": "einops>=0.7", "nibabel": "nibabel>=5", "scipy": "scipy>=1.10",
+                       "safetensors": "safetensors>=0.4", "slicerio": "slicerio>=1.1", "pynrrd": "pynrrd>=1.0",
+                       "pyyaml": "pyyaml>=6"}
 TORCH_REQUIREMENT = "torch>=2.8"  # for SlicerPyTorch's installTorch; as pyproject.toml
 
 
