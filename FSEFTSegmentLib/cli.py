@@ -7,6 +7,7 @@ treated like Ctrl-C so a cancelled job (e.g. from the Slicer module) stops clean
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -232,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         error = Cancelled("cancelled; no partial output was written")
         print(f"fseft: {error}", file=sys.stderr)
