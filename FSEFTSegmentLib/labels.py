@@ -24,6 +24,7 @@ import colorsys
 import difflib
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -252,9 +253,10 @@ def novel_structure(name: str, color: tuple[int, int, int] | None = None) -> Str
     Without `color`, the colour is derived from the name, so it is the same on every run.
     """
     display = " ".join(str(name).split())
-    snake = re.sub(r"[^a-z0-9]+", "_", display.lower()).strip("_")
+    folded = unicodedata.normalize("NFKD", display).encode("ascii", "ignore").decode("ascii")  # "glúteo" -> "gluteo"
+    snake = re.sub(r"[^a-z0-9]+", "_", folded.lower()).strip("_")
     if not snake:
-        raise InputError(f"invalid structure name '{name}': it needs at least one letter or digit")
+        raise InputError(f"invalid structure name '{name}': it needs at least one Latin letter or digit (the name is used in file names and segment ids)")
     if _FORBIDDEN & set(display):
         raise InputError(f"invalid structure name '{name}': the characters ~ ^ | are not allowed")
     if color is None:

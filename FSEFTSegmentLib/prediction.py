@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import json
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,7 +27,7 @@ from .errors import FSEFTError, InputError
 from .inference import Head, InferenceSettings, SegmentationPredictor
 from .io.files import atomic_write
 from .io.images import ct_plausibility, read_image
-from .io.segmentations import write_label_map, write_label_table, write_segmentation
+from .io.segmentations import header_text, write_label_map, write_label_table, write_segmentation
 from .io.studies import Study
 from .labels import Structure, novel_structure, resolve_structure, resolve_structures, UNIVERSAL_STRUCTURES
 from .methods.adapted import AdaptedModel
@@ -170,14 +169,6 @@ def assess_quality(structures: Sequence[Structure], volumes: Sequence[float], ex
     return quality
 
 
-def _header_text(text: str) -> str:
-    """A message as a NRRD header (ASCII) tag value: dashes and ellipses spelled out, no '|', one line."""
-    for fancy, plain in (("\u2013", "-"), ("\u2014", "-"), ("\u2212", "-"), ("\u2026", "..."), ("|", "/")):
-        text = text.replace(fancy, plain)
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return " ".join(text.split())
-
-
 def quality_tags(structures: Sequence[Structure], quality: Mapping[str, dict]) -> list[dict[str, str] | None]:
     """Segment tags carrying each checked structure's volume, expected range and flag (if any)."""
     tags: list[dict[str, str] | None] = []
@@ -189,7 +180,7 @@ def quality_tags(structures: Sequence[Structure], quality: Mapping[str, dict]) -
         low, high = check["expected_ml"]
         entry = {"FSEFT.VolumeML": _ml(check["volume_ml"]), "FSEFT.ExpectedVolumeML": f"{_ml(low)}-{_ml(high)}"}
         if check["flag"]:
-            entry["FSEFT.QualityFlag"] = _header_text(str(check["flag"]))
+            entry["FSEFT.QualityFlag"] = header_text(str(check["flag"]))
         tags.append(entry)
     return tags
 

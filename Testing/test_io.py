@@ -565,3 +565,17 @@ def test_segmentation_on_real_ct_matches_slicers_own_reading_of_the_ct(tmp_path,
     for index, structure in enumerate(structures):
         array = slicer.util.arrayFromSegmentBinaryLabelmap(node, structure.name, volume)
         np.testing.assert_array_equal(array != 0, masks[index] != 0, err_msg=structure.name)
+
+
+def test_non_ascii_names_are_written_as_ascii_headers(tmp_path):
+    """NRRD headers are ASCII: a novel structure named with accents must still be written."""
+    from FSEFTSegmentLib.labels import novel_structure
+
+    image = sitk.Image(8, 8, 8, sitk.sitkFloat32)
+    masks = np.zeros((1, 8, 8, 8), np.uint8)
+    masks[0, 2:4, 2:4, 2:4] = 1
+    path = write_segmentation(tmp_path / "x.seg.nrrd", masks, image, [novel_structure("músculo glúteo")],
+                              segment_tags=[{"FSEFT.QualityFlag": "volume 9.0 mL above the 1.0–2.0 mL"}])
+    segment = slicerio.read_segmentation(str(path))["segments"][0]
+    assert (segment["id"], segment["name"]) == ("musculo_gluteo", "musculo gluteo")
+    assert segment["tags"]["FSEFT.QualityFlag"] == "volume 9.0 mL above the 1.0-2.0 mL"
