@@ -21,7 +21,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q Testing
 
 benchmark: $(STAMP)
-	$(PY) benchmarks/predict.py
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/predict.py --json benchmarks/results/predict.json
+	$(PY) benchmarks/adapt.py --json benchmarks/results/adapt.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
