@@ -1,0 +1,1 @@
+"""Pretraining support: synthetic training data generated inside the product (no external data)."""
