@@ -154,6 +154,14 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .pretraining.loop import PretrainConfig, pretrain
+    from .progress import make_progress
+
+    pretrain(PretrainConfig.from_yaml(args.config), make_progress(args.progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fseft", description="Few-shot CT organ segmentation with a foundation model.")
     parser.add_argument("--version", action="version", version=f"fseft {__version__}")
@@ -210,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--tune-decoder", action="store_true")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     methods.set_defaults(run=cmd_methods)
+
+    pretrain = commands.add_parser("pretrain", help="supervised pretraining over partially labelled datasets (resumable; torchrun for several GPUs)")
+    pretrain.add_argument("--config", required=True, help="YAML file: datasets, label templates, schedule, output folder")
+    pretrain.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    pretrain.set_defaults(run=cmd_pretrain)
 
     models = commands.add_parser("models", help="list, import or download models")
     models.add_argument("action", choices=("list", "import", "pull"))

@@ -191,3 +191,11 @@ def test_evaluate_prediction_against_reference(environment, tmp_path):
     assert "liver" in result.stdout and "spleen" in result.stdout
     scores = json.loads(report.read_text(encoding="utf-8"))["structures"]
     assert [s["dice"] for s in scores] == [1.0, 1.0]
+
+
+def test_pretrain_with_a_bad_config(environment, tmp_path):
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("datasets: []\n", encoding="utf-8")
+    result = fseft(["pretrain", "--config", str(config)], environment)
+    assert_one_line_error(result, "pretrain.yaml")
+    assert result.returncode == 2

@@ -1,0 +1,546 @@
+"""Pretraining of the foundation network on several partially labelled CT datasets (paper-facts section 5).
+
+A YAML config names the datasets (images, label maps, how each label value maps to a universal id,
+which universal ids the dataset annotates), the architecture and the schedule. One step: every
+process draws `volumes_per_step` volumes, each by picking a dataset uniformly and then one of its
+volumes uniformly (sampling balanced over datasets), and cuts `crops_per_volume` crops from each
+(centred on foreground or background, `positive_fraction` positive, as MONAI's
+RandCropByPosNegLabel; rot90 and intensity-shift augmentation); the loss is the partial-label soft
+Dice (`loss.partial_label_dice_loss`); AdamW (weight decay 1e-5); the learning rate warms up
+linearly from lr * `warmup_start_factor` over `warmup_epochs` epochs, then follows a cosine to 0,
+both stepped per step. An epoch is `steps_per_epoch` steps (default: enough steps for every process
+together to draw as many volumes as there are).
+
+Volumes are preprocessed once (CTPreprocessing; the remapped label map follows with
+`masks_to_model_space`) when first drawn, and kept in RAM as a float32 image and a uint8 map of
+universal ids.
+
+Randomness is drawn from generators seeded by (seed, step, rank), so a run resumed from a checkpoint
+draws exactly what the uninterrupted run would have; the checkpoint (`checkpoint-last.pt`,
+written atomically every `checkpoint_every` steps, when stopped and at the end) holds the model,
+optimizer and scheduler states, the step, the torch RNG state and the architecture, all loadable
+with `torch.load(weights_only=True)`. The final weights alone go to `model.pt` (a plain state dict,
+loadable by `model.checkpoint.build_from_checkpoint`). Each step appends one JSON line to `loss.jsonl`.
+
+Launched under torchrun (RANK / WORLD_SIZE set, more than one process) the model is wrapped in
+DistributedDataParallel (gloo on the CPU, nccl on CUDA); only rank 0 writes files:
+
+    torchrun --nproc_per_node 4 -m FSEFTSegmentLib.pretraining.loop config.yaml
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.distributed as dist
+
+from ..errors import Cancelled, FSEFTError, InputError
+from ..io.images import read_image
+from ..model.network import Architecture, FoundationSwinUNETR
+from ..preprocessing import CTPreprocessing
+from ..progress import Progress, make_progress
+from ..training import CropSampler, _cut, pad_to
+from .loss import partial_label_dice_loss
+
+CHECKPOINT_NAME = "checkpoint-last.pt"
+MODEL_NAME = "model.pt"
+LOG_NAME = "loss.jsonl"
+
+
+# -------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    images: list[str]
+    labels: list[str]
+    label_template: dict[int, int]  # source label value -> universal id (1-based)
+    annotated: tuple[int, ...]  # universal ids this dataset annotates
+    #: universal id -> id of its left counterpart: a single kidney/lung label is split, voxels with
+    #: model-space (RAS) axis-0 index < X/2 becoming the left organ (paper-facts section 5)
+    split_left_right: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainConfig:
+    datasets: list[DatasetSpec]
+    architecture: Architecture = field(default_factory=Architecture)
+    crop_size: int | None = None  # None: the architecture's patch size
+    volumes_per_step: int = 2  # per process
+    crops_per_volume: int = 3
+    positive_fraction: float = 0.8  # pos:neg 4:1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 10
+    warmup_start_factor: float = 0.1
+    epochs: int = 1000
+    steps_per_epoch: int | None = None  # None: volumes / (volumes_per_step * processes), at least 1
+    steps: int | None = None  # total steps; None: epochs * steps_per_epoch
+    seed: int = 0
+    out: str = "pretraining"
+    checkpoint_every: int = 100
+    intensity_shift: float = 0.1
+    intensity_shift_prob: float = 0.2
+    rot90_prob: float = 0.1
+    init: str | None = None  # optional starting weights (e.g. MONAI's self-supervised Swin-UNETR)
+    resume: bool = True  # continue from out/checkpoint-last.pt when it exists
+    source: str | None = None  # the YAML file, for messages
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> PretrainConfig:
+        import yaml
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise InputError("no such config file", path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise InputError(f"not valid YAML ({str(error).splitlines()[0]})", path) from None
+        return cls.from_dict(values, base=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: Any, base: str | os.PathLike = ".", source: str | None = None) -> PretrainConfig:
+        def fail(key: str, message: str):
+            raise InputError(f"'{key}': {message}", source)
+
+        if not isinstance(values, dict):
+            raise InputError("the config must be a mapping of keys to values", source)
+        base = Path(base)
+        known = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            fail(unknown[0], f"unknown key (known: {', '.join(sorted(known))})")
+        architecture_values = values.get("architecture") or {}
+        if not isinstance(architecture_values, dict):
+            fail("architecture", "must be a mapping (feature_size, out_channels, patch_size, ...)")
+        bad = sorted(set(architecture_values) - set(Architecture.__dataclass_fields__))
+        if bad:
+            fail(f"architecture.{bad[0]}", "unknown architecture field")
+        try:
+            architecture = Architecture.from_dict(architecture_values)
+        except (TypeError, ValueError) as error:
+            fail("architecture", str(error))
+        datasets = values.get("datasets")
+        if not isinstance(datasets, list) or not datasets:
+            fail("datasets", "must be a non-empty list of datasets")
+        specs = [_dataset_spec(entry, f"datasets[{number}]", base, architecture, fail) for number, entry in enumerate(datasets)]
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            fail("datasets", "dataset names must be unique")
+
+        settings: dict[str, Any] = {}
+        for key in known - {"datasets", "architecture"}:
+            if key not in values or values[key] is None:
+                continue
+            value = values[key]
+            if key in ("out", "init"):
+                if not isinstance(value, str):
+                    fail(key, "must be a path")
+                value = str((base / Path(value).expanduser()) if not Path(value).expanduser().is_absolute() else Path(value).expanduser())
+            elif key == "resume":
+                if not isinstance(value, bool):
+                    fail(key, "must be true or false")
+            elif key in ("lr", "weight_decay", "warmup_epochs", "warmup_start_factor", "positive_fraction",
+                         "intensity_shift", "intensity_shift_prob", "rot90_prob"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    try:
+                        value = float(value)  # YAML reads 1e-4 (no dot) as a string
+                    except (TypeError, ValueError):
+                        fail(key, f"must be a number, got {value!r}")
+                value = float(value)
+                if value < 0:
+                    fail(key, "must not be negative")
+                if key in ("positive_fraction", "intensity_shift_prob", "rot90_prob", "warmup_start_factor") and value > 1:
+                    fail(key, "must be between 0 and 1")
+            else:  # integers
+                if isinstance(value, bool) or not isinstance(value, int):
+                    fail(key, f"must be an integer, got {value!r}")
+                if key != "seed" and value < 1:
+                    fail(key, "must be at least 1")
+            settings[key] = value
+        config = cls(datasets=specs, architecture=architecture, source=source, **settings)
+        if "out" not in settings:
+            config.out = str(base / cls.out)
+        crop = config.crop_size or architecture.patch_size
+        if crop % 32 or crop < 64:  # at 32 the bottleneck is 1 voxel, where instance norm cannot train
+            fail("crop_size" if config.crop_size else "architecture.patch_size", f"{crop} must be a multiple of 32, at least 64")
+        return config
+
+
+def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, fail) -> DatasetSpec:
+    if not isinstance(entry, dict):
+        fail(key, "must be a mapping with name, images, labels, label_template, annotated")
+    unknown = sorted(set(entry) - {"name", "images", "labels", "label_template", "annotated", "split_left_right"})
+    if unknown:
+        fail(f"{key}.{unknown[0]}", "unknown key")
+    for required in ("name", "images", "labels", "label_template"):
+        if entry.get(required) in (None, "", [], {}):
+            fail(f"{key}.{required}", "is missing")
+    name = str(entry["name"])
+    images = _paths(entry["images"], f"{key}.images", base, fail)
+    labels = _paths(entry["labels"], f"{key}.labels", base, fail)
+    if len(images) != len(labels):
+        fail(f"{key}.labels", f"{len(labels)} label file(s) for {len(images)} image(s); they pair in sorted order")
+    template_values = entry["label_template"]
+    if not isinstance(template_values, dict):
+        fail(f"{key}.label_template", "must map source label values to universal ids")
+    template: dict[int, int] = {}
+    for source_value, universal in template_values.items():
+        try:
+            source_int, universal_int = int(source_value), int(universal)
+        except (TypeError, ValueError):
+            fail(f"{key}.label_template", f"'{source_value}: {universal}' is not 'integer: integer'")
+        if source_int <= 0:
+            fail(f"{key}.label_template", f"source value {source_int}: background (0) cannot be mapped")
+        if not 1 <= universal_int <= architecture.out_channels:
+            fail(f"{key}.label_template", f"universal id {universal_int} is outside 1..{architecture.out_channels}")
+        template[source_int] = universal_int
+    split_values = entry.get("split_left_right") or {}
+    if not isinstance(split_values, dict):
+        fail(f"{key}.split_left_right", "must map a universal id to the id of its left counterpart")
+    split: dict[int, int] = {}
+    for whole, left in split_values.items():
+        try:
+            whole_int, left_int = int(whole), int(left)
+        except (TypeError, ValueError):
+            fail(f"{key}.split_left_right", f"'{whole}: {left}' is not 'integer: integer'")
+        if whole_int not in template.values():
+            fail(f"{key}.split_left_right", f"universal id {whole_int} is not produced by label_template")
+        if not 1 <= left_int <= architecture.out_channels:
+            fail(f"{key}.split_left_right", f"universal id {left_int} is outside 1..{architecture.out_channels}")
+        split[whole_int] = left_int
+    produced = set(template.values()) | set(split.values())
+    annotated_values = entry.get("annotated")
+    if annotated_values is None:
+        annotated = tuple(sorted(produced))
+    else:
+        if not isinstance(annotated_values, list) or not annotated_values:
+            fail(f"{key}.annotated", "must be a non-empty list of universal ids")
+        try:
+            annotated = tuple(sorted({int(v) for v in annotated_values}))
+        except (TypeError, ValueError):
+            fail(f"{key}.annotated", "must be a list of integers")
+        outside = [v for v in annotated if not 1 <= v <= architecture.out_channels]
+        if outside:
+            fail(f"{key}.annotated", f"universal id {outside[0]} is outside 1..{architecture.out_channels}")
+        missing = sorted(produced - set(annotated))
+        if missing:
+            fail(f"{key}.annotated", f"universal id {missing[0]} is produced by label_template or split_left_right but not annotated")
+    return DatasetSpec(name, images, labels, template, annotated, split)
+
+
+def _paths(value: Any, key: str, base: Path, fail) -> list[str]:
+    """A list of files, or one glob pattern (relative to the config's folder), sorted."""
+    if isinstance(value, str):
+        pattern = str(Path(value).expanduser() if Path(value).expanduser().is_absolute() else base / value)
+        found = sorted(glob.glob(pattern))
+        if not found:
+            fail(key, f"the pattern '{value}' matches no file")
+        return found
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        fail(key, "must be a list of paths or one glob pattern")
+    paths = [str(Path(v).expanduser() if Path(v).expanduser().is_absolute() else base / v) for v in value]
+    for path in paths:
+        if not os.path.exists(path):
+            fail(key, f"no such file: {path}")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, start_factor: float = 0.1) -> float:
+    """Multiplier of the base lr at `step` (0-based): linear warm-up from `start_factor`, then cosine to 0."""
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
+def _step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 7 + stream)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Volume:
+    image: torch.Tensor  # (1, X, Y, Z) float32, padded to the crop
+    label: torch.Tensor  # (1, X, Y, Z) uint8 universal ids, padded to the crop
+    sampler: CropSampler
+
+
+class _VolumeCache:
+    """Volumes in model space, preprocessed when first drawn and then kept in RAM."""
+
+    def __init__(self, config: PretrainConfig, crop: int):
+        self.config = config
+        self.crop = crop
+        self.preprocessing = CTPreprocessing(config.architecture)
+        self.volumes: dict[tuple[int, int], _Volume] = {}
+
+    def get(self, dataset: int, index: int) -> _Volume:
+        key = (dataset, index)
+        if key not in self.volumes:
+            self.volumes[key] = self._load(self.config.datasets[dataset], index)
+        return self.volumes[key]
+
+    def _load(self, spec: DatasetSpec, index: int) -> _Volume:
+        image_path, label_path = spec.images[index], spec.labels[index]
+        image = read_image(image_path)
+        label_image = read_image(label_path)
+        if label_image.GetSize() != image.GetSize():
+            raise InputError(f"label grid {label_image.GetSize()} differs from its image's {image.GetSize()} ({image_path})", label_path)
+        source = np.rint(sitk.GetArrayViewFromImage(label_image)).astype(np.int64)
+        remapped = np.zeros(source.shape, dtype=np.float32)
+        for value, universal in spec.label_template.items():
+            remapped[source == value] = universal
+        preprocessed = self.preprocessing(image)
+        label = self.preprocessing.masks_to_model_space(remapped[None], image, preprocessed)
+        if spec.split_left_right:
+            left_half = torch.zeros(label.shape, dtype=torch.bool)
+            left_half[:, : (label.shape[1] + 1) // 2] = True  # indices < X/2; RAS: axis 0 runs from left to right
+            for whole, left in spec.split_left_right.items():
+                label[(label == whole) & left_half] = left
+        volume, _ = pad_to(preprocessed.as_tensor().float(), self.crop)
+        label, _ = pad_to(label, self.crop)
+        return _Volume(volume.contiguous(), label.contiguous(), CropSampler(label, volume[0]))
+
+
+def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: int, rank: int):
+    """This process's batch of `step`: images (B, 1, s, s, s), targets (B, C, s, s, s), annotated (B, C)."""
+    draw = _step_generator(config.seed, step, rank, 0)
+    augment = _step_generator(config.seed, step, rank, 1)
+    channels = config.architecture.out_channels
+    ids = torch.arange(1, channels + 1, dtype=torch.uint8).view(-1, 1, 1, 1)
+    images, targets, annotated, names = [], [], [], []
+    for _ in range(config.volumes_per_step):
+        dataset = int(torch.randint(len(config.datasets), (1,), generator=draw))
+        spec = config.datasets[dataset]
+        index = int(torch.randint(len(spec.images), (1,), generator=draw))
+        volume = cache.get(dataset, index)
+        mask = torch.zeros(channels, dtype=torch.bool)
+        mask[[v - 1 for v in spec.annotated]] = True
+        names.append(spec.name)
+        for start in volume.sampler.sample(crop, config.crops_per_volume, config.positive_fraction, draw):
+            image = _cut(volume.image, start, crop)
+            target = _cut(volume.label, start, crop) == ids  # (C, s, s, s)
+            if float(torch.rand((), generator=augment)) < config.rot90_prob:
+                turns = int(torch.randint(1, 4, (1,), generator=augment))
+                plane = [(1, 2), (1, 3), (2, 3)][int(torch.randint(3, (1,), generator=augment))]
+                image, target = torch.rot90(image, turns, plane), torch.rot90(target, turns, plane)
+            if float(torch.rand((), generator=augment)) < config.intensity_shift_prob:
+                image = image + (2 * float(torch.rand((), generator=augment)) - 1) * config.intensity_shift
+            images.append(image)
+            targets.append(target)
+            annotated.append(mask)
+    return torch.stack(images), torch.stack(targets).float(), torch.stack(annotated), names
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _load_init(network: FoundationSwinUNETR, path: str, progress: Progress) -> None:
+    from ..model.checkpoint import read_tensors
+
+    tensors = read_tensors(path)
+    own = network.state_dict()
+    matching = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise InputError("no tensor of the initial weights fits the network", path)
+    network.load_state_dict(matching, strict=False)
+    progress.info(f"initialised {len(matching)} of {len(own)} tensors from {path}")
+
+
+def pretrain(config: PretrainConfig, progress: Progress, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run (or resume) pretraining; returns {steps, last_loss, out, checkpoint, model}.
+
+    `should_stop()` is polled (on rank 0) before every step; when it answers true a checkpoint is
+    written and `Cancelled` is raised; running again with `resume` continues the same schedule.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world > 1
+    initialised_here = False
+    if distributed and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        initialised_here = True
+    rank = dist.get_rank() if distributed else 0
+    try:
+        return _pretrain(config, progress if rank == 0 else Progress(), should_stop, rank, world, distributed)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
+    started = time.monotonic()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    crop = config.crop_size or config.architecture.patch_size
+    volumes = sum(len(spec.images) for spec in config.datasets)
+    per_epoch = config.steps_per_epoch or max(1, volumes // (config.volumes_per_step * world))
+    total = config.steps or config.epochs * per_epoch
+    warmup = round(config.warmup_epochs * per_epoch)
+    out = Path(config.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)
+    network = FoundationSwinUNETR(config.architecture)
+    if config.init:
+        _load_init(network, config.init, progress)
+    network.to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total, config.warmup_start_factor)
+    )
+    step = 0
+    checkpoint_path = out / CHECKPOINT_NAME
+    if config.resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state.get("total_steps") != total:
+            raise InputError(
+                f"the checkpoint was written for {state.get('total_steps')} steps, this config runs {total}; "
+                "set resume: false or use another out folder", checkpoint_path
+            )
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        progress.info(f"resuming from step {step} of {total} ({checkpoint_path})")
+    model = network
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    log_path = out / LOG_NAME
+    if rank == 0:
+        _trim_log(log_path, step)
+
+    def save_checkpoint() -> None:
+        if rank != 0:
+            return
+        _atomic_save(
+            {
+                "model": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "total_steps": total,
+                "seed": config.seed,
+                "torch_rng": torch.get_rng_state(),
+                "architecture": config.architecture.to_dict(),
+            },
+            checkpoint_path,
+        )
+
+    progress.emit(
+        "start", steps=total, message=f"pretraining {total} steps ({per_epoch} a epoch, warm-up {warmup}) "
+        f"on {len(config.datasets)} dataset(s), {volumes} volume(s), {world} process(es), {device.type}"
+    )
+    cache = _VolumeCache(config, crop)
+    model.train()
+    last_loss = float("nan")
+    while step < total:
+        stop = bool(should_stop()) if (should_stop is not None and rank == 0) else False
+        if distributed:
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            save_checkpoint()
+            raise Cancelled(f"pretraining stopped at step {step} of {total}; the checkpoint {checkpoint_path} resumes it")
+        step_started = time.monotonic()
+        images, targets, annotated, names = _draw_batch(config, cache, crop, step, rank)
+        lr_now = optimizer.param_groups[0]["lr"]
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(images.to(device))
+        loss = partial_label_dice_loss(logits, targets.to(device), annotated.to(device))
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        reported = loss.detach()
+        if distributed:
+            dist.all_reduce(reported)
+            reported = reported / world
+        last_loss = float(reported)
+        if rank == 0:
+            with open(log_path, "a", encoding="utf-8") as log:
+                record = {"step": step, "epoch": (step - 1) // per_epoch + 1, "loss": round(last_loss, 6), "lr": lr_now,
+                          "datasets": names, "seconds": round(time.monotonic() - step_started, 3)}
+                log.write(json.dumps(record) + "\n")
+        progress.step(step / total, f"step {step}/{total}: loss {last_loss:.4f}, lr {lr_now:.2e}")
+        if step % config.checkpoint_every == 0 and step < total:
+            save_checkpoint()
+    save_checkpoint()
+    if rank == 0:
+        _atomic_save(network.state_dict(), out / MODEL_NAME)
+    if distributed:
+        dist.barrier()
+    progress.info(f"pretraining done: {total} steps, last loss {last_loss:.4f}, {time.monotonic() - started:.0f} s; weights in {out / MODEL_NAME}")
+    return {"steps": step, "last_loss": last_loss, "out": str(out), "checkpoint": str(checkpoint_path), "model": str(out / MODEL_NAME)}
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (written after the last checkpoint by a stopped run)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def main_pretrain(config_path: str, progress_kind: str = "bar") -> int:
+    """`fseft pretrain --config FILE.yaml`: run or resume pretraining; returns the exit code."""
+    progress = make_progress(progress_kind)
+    try:
+        config = PretrainConfig.from_yaml(config_path)
+        pretrain(config, progress)
+    except FSEFTError as error:
+        print(str(error), file=sys.stderr, flush=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("pretraining interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
+        return Cancelled.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m FSEFTSegmentLib.pretraining.loop config.yaml
+    if len(sys.argv) != 2:
+        print("usage: python -m FSEFTSegmentLib.pretraining.loop CONFIG.yaml", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main_pretrain(sys.argv[1], os.environ.get("FSEFT_PROGRESS", "bar")))

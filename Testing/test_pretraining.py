@@ -1,0 +1,240 @@
+"""Pretraining: the partial-label Dice loss, the YAML config, exact resume, and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from FSEFTSegmentLib.errors import Cancelled, InputError
+from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
+from FSEFTSegmentLib.model.network import Architecture
+from FSEFTSegmentLib.pretraining.loop import (
+    PretrainConfig,
+    lr_factor,
+    main_pretrain,
+    pretrain,
+)
+from FSEFTSegmentLib.pretraining.loss import partial_label_dice_loss
+from FSEFTSegmentLib.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the smallest network that trains: 64-voxel crops (at 32 the bottleneck is one voxel), one block a stage
+TINY = {"feature_size": 12, "out_channels": 4, "patch_size": 64, "depths": [1, 1, 1, 1]}
+
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def _dice(p, y):
+    return (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+
+
+def test_loss_ignores_unannotated_channels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    target = (torch.rand(2, 3, 4, 4, 4) > 0.5).float()
+    annotated = torch.tensor([[True, False, True], [False, True, False]])
+    loss = partial_label_dice_loss(logits, target, annotated)
+    loss.backward()
+    grad = logits.grad
+    assert torch.all(grad[0, 1] == 0) and torch.all(grad[1, 0] == 0) and torch.all(grad[1, 2] == 0)
+    assert grad[0, 0].abs().sum() > 0 and grad[0, 2].abs().sum() > 0 and grad[1, 1].abs().sum() > 0
+    p = torch.sigmoid(logits.detach())
+    first = ((1 - _dice(p[0, 0], target[0, 0])) + (1 - _dice(p[0, 2], target[0, 2]))) / 2
+    second = 1 - _dice(p[1, 1], target[1, 1])
+    assert float(loss.detach()) == pytest.approx(float((first + second) / 2), abs=1e-6)
+
+
+def test_loss_values_on_hand_made_cases():
+    big = 50.0  # sigmoid(±50) is 1 / 0 in float32
+    target = torch.zeros(1, 2, 2, 2, 2)
+    target[0, 0, 0] = 1  # 4 voxels
+    perfect = torch.where(target > 0, big, -big)
+    annotated = torch.ones(1, 2, dtype=torch.bool)
+    # channel 0 perfect; channel 1 empty and predicted empty: dice (0+1)/(0+0+1) = 1
+    assert float(partial_label_dice_loss(perfect, target, annotated)) == pytest.approx(0.0, abs=1e-6)
+    # channel 0 all wrong (predicts the other 4 voxels): dice = 1 / (4 + 4 + 1); channel 1 unannotated
+    wrong = -perfect
+    wrong[0, 1] = big  # would cost a lot if it counted
+    loss = partial_label_dice_loss(wrong, target, torch.tensor([[True, False]]))
+    assert float(loss) == pytest.approx(1 - 1 / 9, abs=1e-6)
+    # no annotated class at all: zero, still differentiable
+    logits = torch.zeros(1, 2, 2, 2, 2, requires_grad=True)
+    none = partial_label_dice_loss(logits, target, torch.zeros(1, 2, dtype=torch.bool))
+    none.backward()
+    assert float(none.detach()) == 0.0 and torch.all(logits.grad == 0)
+
+
+def test_loss_all_annotated_is_mean_of_one_minus_dice():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 4, 5, 5, 5)
+    target = (torch.rand(3, 4, 5, 5, 5) > 0.7).float()
+    p = torch.sigmoid(logits)
+    expected = torch.stack([1 - _dice(p[b, c], target[b, c]) for b in range(3) for c in range(4)]).mean()
+    loss = partial_label_dice_loss(logits, target, torch.ones(3, 4, dtype=torch.bool))
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_lr_schedule_warms_up_from_a_tenth_then_cosine():
+    factors = [lr_factor(s, 2, 6) for s in range(6)]
+    assert factors[0] == pytest.approx(0.1) and factors[1] == pytest.approx(0.55)
+    assert factors[2] == pytest.approx(1.0)
+    assert factors[3:] == sorted(factors[3:], reverse=True) and factors[-1] > 0
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _phantom(path_image: Path, path_label: Path, seed: int, size: int = 40) -> None:
+    """A noisy soft-tissue box holding two spheres (labels 1 and 2), 1.5 mm voxels."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.indices((size,) * 3, dtype=float)
+    body = (np.abs(np.stack([i, j, k]) - (size - 1) / 2) < 0.4 * size).all(0)
+    centre = (size - 1) / 2 + rng.uniform(-3, 3, 3)
+    first = ((i - centre[0] + 6) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2) <= 25
+    second = ((i - centre[0] - 6) ** 2 + (j - centre[1]) ** 2 + (k - centre[2]) ** 2) <= 16
+    array = np.where(body, 40.0, -1000.0) + np.where(first, 150.0, 0) + np.where(second, -80.0, 0)
+    array += rng.normal(0, 10, array.shape)
+    label = np.where(first, 1, 0) + np.where(second, 2, 0)
+    for array_, path in ((array.astype(np.float32), path_image), (label.astype(np.uint8), path_label)):
+        image = sitk.GetImageFromArray(array_)
+        image.SetSpacing((1.5, 1.5, 1.5))
+        sitk.WriteImage(image, str(path))
+
+
+def _config(tmp_path: Path, **overrides) -> Path:
+    """Two datasets: A annotates ids 1 and 2 (two volumes), B annotates id 3 only (its label 2)."""
+    for name, count in (("a", 2), ("b", 1)):
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        for n in range(count):
+            if not (folder / f"img{n}.nii.gz").exists():
+                _phantom(folder / f"img{n}.nii.gz", folder / f"lab{n}.nii.gz", seed=n + 10 * len(name + str(count)))
+    values = {
+        "datasets": [
+            {"name": "A", "images": "a/img*.nii.gz", "labels": "a/lab*.nii.gz", "label_template": {1: 1, 2: 2}},
+            {"name": "B", "images": ["b/img0.nii.gz"], "labels": ["b/lab0.nii.gz"], "label_template": {2: 3}, "annotated": [3]},
+        ],
+        "architecture": TINY,
+        "volumes_per_step": 1,
+        "crops_per_volume": 1,
+        "warmup_epochs": 1,
+        "steps_per_epoch": 2,
+        "steps": 6,
+        "checkpoint_every": 2,
+        "rot90_prob": 0.5,
+        "out": "out",
+    }
+    values.update(overrides)
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+def _bad_config(tmp_path, values) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    with pytest.raises(InputError) as raised:
+        PretrainConfig.from_yaml(path)
+    assert str(path) in str(raised.value)
+    return str(raised.value)
+
+
+def test_config_loads_and_bad_keys_are_named(tmp_path):
+    config = PretrainConfig.from_yaml(_config(tmp_path))
+    assert [len(d.images) for d in config.datasets] == [2, 1]
+    assert config.datasets[0].annotated == (1, 2) and config.datasets[1].label_template == {2: 3}
+    assert config.architecture == Architecture.from_dict(TINY)
+    assert config.out == str(tmp_path / "out") and config.lr == 1e-4
+    good = yaml.safe_load((tmp_path / "pretrain.yaml").read_text())
+    assert "'datasets[1].label_template'" in _bad_config(tmp_path, {**good, "datasets": [good["datasets"][0], {**good["datasets"][1], "label_template": {2: 9}}]})
+    assert "'datasets[0].images'" in _bad_config(tmp_path, {**good, "datasets": [{**good["datasets"][0], "images": "nothing/*.nii"}]})
+    assert "'lr'" in _bad_config(tmp_path, {**good, "lr": "fast"})
+    assert "'epoch'" in _bad_config(tmp_path, {**good, "epoch": 3})
+    assert "'architecture.feature'" in _bad_config(tmp_path, {**good, "architecture": {"feature": 3}})
+
+
+def _lrs(out: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (out / "loss.jsonl").read_text().splitlines()]
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    """3 steps, stop, resume to 6 == 6 steps at once (warm-up 2 steps, then cosine): lr and weights."""
+    whole = PretrainConfig.from_yaml(_config(tmp_path, out="whole"))
+    result = pretrain(whole, Progress())
+    assert result["steps"] == 6 and np.isfinite(result["last_loss"])
+
+    parts = PretrainConfig.from_yaml(_config(tmp_path, out="parts"))
+    calls = []
+    with pytest.raises(Cancelled):
+        pretrain(parts, Progress(), should_stop=lambda: calls.append(1) or len(calls) > 3)
+    state = torch.load(tmp_path / "parts" / "checkpoint-last.pt", weights_only=True)
+    assert state["step"] == 3 and not (tmp_path / "parts" / "model.pt").exists()
+    pretrain(parts, Progress())
+
+    assert _lrs(tmp_path / "parts") == _lrs(tmp_path / "whole")
+    lrs = _lrs(tmp_path / "whole")
+    assert lrs[0] == pytest.approx(1e-5) and max(lrs) == pytest.approx(1e-4) and lrs[-1] < lrs[3] < lrs[2]
+    first = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    second = torch.load(tmp_path / "parts" / "model.pt", weights_only=True)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert build_from_checkpoint(tmp_path / "whole" / "model.pt").architecture.out_channels == 4
+    assert not list((tmp_path / "whole").glob("*.tmp"))
+
+
+def test_main_pretrain_reports_a_bad_config(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("datasets: []\n")
+    assert main_pretrain(str(path), "none") == InputError.exit_code
+    assert "'datasets'" in capsys.readouterr().err
+
+
+def test_two_process_ddp_run_writes_one_checkpoint(tmp_path):
+    config = _config(tmp_path, steps=2,
+                     checkpoint_every=100, out="ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FSEFT_PROGRESS": "none", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+         "-m", "FSEFTSegmentLib.pretraining.loop", str(config)],
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "ddp"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-last.pt", "loss.jsonl", "model.pt"]
+    state = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    assert state["step"] == 2
+    assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_single_label_is_split_into_left_and_right(tmp_path):
+    """Both spheres labelled as one organ: the one on the patient's left (higher i in LPS, lower axis-0
+    index after RAS) becomes the left organ's id; the volume is cached in model space."""
+    from FSEFTSegmentLib.pretraining.loop import _VolumeCache
+
+    _config(tmp_path)
+    values = {
+        "datasets": [{"name": "K", "images": ["a/img0.nii.gz"], "labels": ["a/lab0.nii.gz"],
+                      "label_template": {1: 1, 2: 1}, "split_left_right": {1: 2}}],
+        "architecture": TINY,
+    }
+    path = tmp_path / "split.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    config = PretrainConfig.from_yaml(path)
+    assert config.datasets[0].annotated == (1, 2)
+    volume = _VolumeCache(config, 64).get(0, 0)
+    label = volume.label[0]
+    assert volume.image.shape == (1, 64, 64, 64) and label.dtype == torch.uint8
+    right, left = torch.nonzero(label == 1)[:, 0], torch.nonzero(label == 2)[:, 0]
+    assert len(right) > 100 and len(left) > 100
+    assert left.max() < right.min()
+    assert "'datasets[0].split_left_right'" in _bad_config(tmp_path, {**values, "datasets": [{**values["datasets"][0], "split_left_right": {5: 2}}]})
