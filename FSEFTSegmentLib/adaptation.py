@@ -24,8 +24,9 @@ import torch
 
 from . import __version__
 from .errors import InputError
-from .io.images import read_image
+from .io.images import read_image, same_grid
 from .io.segmentations import read_structure_mask
+from .io.studies import default_id
 from .labels import Structure, novel_structure, resolve_structure
 from .methods import get_method
 from .methods.adapted import AdaptedModel
@@ -36,7 +37,7 @@ from .priors import expected_volume_range
 from .progress import Progress
 from .training import TrainingCase, TrainingResult, TrainingSettings, adapt
 
-GEOMETRY_TOLERANCE = 1e-3  # mm (origin) and relative (spacing, direction)
+LABEL_GRID_TOLERANCE = 1e-3  # mm (origin), relative (spacing), absolute (direction cosines)
 
 
 @dataclass(frozen=True)
@@ -88,23 +89,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def study_id(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=GEOMETRY_TOLERANCE)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=GEOMETRY_TOLERANCE)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=GEOMETRY_TOLERANCE)
-    )
-
-
 def _target_mask(spec: SupportSpec, target: Target, single: bool) -> sitk.Image:
     """The target's mask in the support's label file, by the most specific selector given."""
     selector = target.selector or (spec.selector if single else None)
@@ -131,7 +115,7 @@ def prepare_support(spec: SupportSpec, targets: Sequence[Target], preprocessing:
     masks = []
     for target in targets:
         mask = _target_mask(spec, target, single=len(targets) == 1)
-        if not _same_grid(mask, image):
+        if not same_grid(mask, image, spacing_rtol=LABEL_GRID_TOLERANCE, origin_atol=LABEL_GRID_TOLERANCE, direction_atol=LABEL_GRID_TOLERANCE):
             raise InputError(
                 f"label grid differs from its image {spec.image.name} (size {mask.GetSize()} vs {image.GetSize()}, "
                 f"spacing {tuple(round(s, 3) for s in mask.GetSpacing())} vs {tuple(round(s, 3) for s in image.GetSpacing())})",
@@ -149,7 +133,7 @@ def prepare_support(spec: SupportSpec, targets: Sequence[Target], preprocessing:
             raise InputError(f"the label for '{target.structure.name}' vanishes at the model's resolution", spec.labels)
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     record = {
-        "id": study_id(spec.image),
+        "id": default_id(spec.image),
         "image": str(spec.image),
         "image_sha256": file_sha256(spec.image),
         "labels": str(spec.labels) + (f":{spec.selector}" if spec.selector else ""),
@@ -208,9 +192,10 @@ def run_adaptation(
     query_cases = []
     for path in queries:
         image = read_image(path)
-        if file_sha256(Path(path)) in support_hashes:
-            progress.warning(f"{path}: this query is also a support ({support_hashes[file_sha256(Path(path))]}); its prediction is not a fair test")
-        query_cases.append(TrainingCase(study_id(Path(path)), preprocessing(image), None))
+        twin = support_hashes.get(file_sha256(Path(path)))
+        if twin:
+            progress.warning(f"{path}: this query is also a support ({twin}); its prediction is not a fair test")
+        query_cases.append(TrainingCase(default_id(path), preprocessing(image), None))
 
     structures = [t.structure for t in targets]
     rows = pretrained_rows(network, structures)

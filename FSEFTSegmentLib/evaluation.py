@@ -40,6 +40,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .io.files import atomic_write
+from .io.images import same_grid
 from .io.segmentations import read_structure_mask
 from .labels import resolve_structure
 from .progress import Progress
@@ -180,16 +181,6 @@ def _pred_mask(path: str | os.PathLike, name: str, pred: str, ref: str, progress
 # ----------------------------------------------------------------------------- geometry
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    """Equal up to float round-off (NIfTI stores float32): 1e-3 mm, far below any voxel."""
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5, atol=1e-6)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=1e-3)
-        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-5)
-    )
-
-
 def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned physical bounds of the image's voxels (outer faces, not centres)."""
     corners = itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])
@@ -201,7 +192,7 @@ def match_grid(pred: sitk.Image, ref: sitk.Image, pred_path: str | os.PathLike =
     """The prediction on the reference grid, and a note when it had to be resampled."""
     if pred.GetDimension() != ref.GetDimension():
         raise InputError(f"prediction is {pred.GetDimension()}D, reference {ref.GetDimension()}D", pred_path or None)
-    if _same_grid(pred, ref):
+    if same_grid(pred, ref):
         return pred, None
     (plo, phi), (rlo, rhi) = _physical_box(pred), _physical_box(ref)
     if np.any(phi <= rlo) or np.any(rhi <= plo):

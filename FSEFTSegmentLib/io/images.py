@@ -126,6 +126,16 @@ def _as_3d_scalar(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
+def same_grid(a: sitk.Image, b: sitk.Image, *, spacing_rtol: float = 1e-5, origin_atol: float = 1e-3, direction_atol: float = 1e-5) -> bool:
+    """Same voxel grid up to float round-off (NIfTI stores float32); origin tolerance in mm."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=spacing_rtol, atol=1e-6)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=origin_atol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=direction_atol)
+    )
+
+
 def read_image(path: str | os.PathLike, series_id: str | None = None) -> sitk.Image:
     """Read a CT volume as a 3D float32 SimpleITK image in the file's own geometry.
 
