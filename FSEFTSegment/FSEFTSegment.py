@@ -15,18 +15,31 @@ import qt
 import slicer
 import vtk
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_ROOT, "FSEFTSegmentLib")) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)  # a source checkout: the engine sits beside this folder
 
-from FSEFTSegmentLib import scene  # noqa: E402  (needs the path above)
-from FSEFTSegmentLib.jobs import (ADAPTATION_METHODS, TORCH_REQUIREMENT, EngineJob, JobState,  # noqa: E402
-                                  adapt_command, adapter_folder, missing_requirements, model_names,
-                                  predict_command, python_executable)
+from FSEFTSegmentLib import scene
+from FSEFTSegmentLib.jobs import (
+    ADAPTATION_METHODS,
+    TORCH_REQUIREMENT,
+    EngineJob,
+    JobState,
+    adapt_command,
+    adapter_folder,
+    missing_requirements,
+    predict_command,
+    python_executable,
+)
+from FSEFTSegmentLib.registry_file import model_names
 
 
 class FSEFTSegment(ScriptedLoadableModule):

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, FSEFTError, InputError, JobFailed
-
-DEFAULT_MODEL = "fseft-swinunetr"
+from .registry_file import default_model
 
 
 def _split_list(text: str) -> list[str]:
@@ -39,7 +38,7 @@ def cmd_predict(args) -> int:
         precision=args.precision,
     )
     # with adapters and no --model, the base model is the one they were trained on
-    model = args.model or (None if args.adapter else DEFAULT_MODEL)
+    model = args.model or (None if args.adapter else default_model())
     structures = _split_list(args.structures) if args.structures else None
     result = predict_with_adapters(model, args.adapter or [], args.inputs, Path(args.out), args.device, progress, structures, formats, settings)
     total = len(result.outputs) + len(result.failures)
@@ -51,7 +50,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate, parse_structure_selectors, scores_table, write_scores_csv, write_scores_json
+    from .evaluation import (
+        evaluate,
+        parse_structure_selectors,
+        scores_table,
+        write_scores_csv,
+        write_scores_json,
+    )
 
     selectors = parse_structure_selectors(args.structure or [])
     scores = evaluate(args.pred, args.ref, selectors, tolerance_mm=args.tolerance)
@@ -106,6 +111,7 @@ def cmd_adapt(args) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "adapter.json").exists())):
         raise InputError("exists and is not an adapter folder; choose a new --out", out)
     device = choose_device(args.device)
+    args.model = args.model or default_model()
     progress.info(f"loading model {args.model}")
     network = load_foundation_model(args.model)
     base = {"name": str(args.model), "sha256": model_sha256(args.model), "architecture": network.architecture.to_dict()}
@@ -139,10 +145,11 @@ def cmd_methods(args) -> int:
     import json
 
     from .methods.summary import method_summaries, summaries_table
-    from .model.registry import load_registry
     from .model.network import Architecture
+    from .model.registry import load_registry
 
     registry = load_registry()
+    args.model = args.model or default_model()
     if args.model in registry:
         architecture = registry[args.model].architecture
     else:
@@ -155,10 +162,15 @@ def cmd_methods(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretraining.loop import PretrainConfig, pretrain
+    from .pretraining.loop import PretrainConfig, export_model, pretrain
     from .progress import make_progress
 
-    pretrain(PretrainConfig.from_yaml(args.config), make_progress(args.progress))
+    config = PretrainConfig.from_yaml(args.config)
+    if args.export:
+        exported = export_model(config, args.export)
+        print(f"exported step {exported['steps']} of {exported['total_steps']} to {exported['path']}")
+        return 0
+    pretrain(config, make_progress(args.progress))
     return 0
 
 
@@ -170,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="segment CT studies with a model")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, DICOM folder, or study list (.txt / .csv with id,image)")
-    predict.add_argument("--model", help=f"registered model name or checkpoint path (default: the adapters' base model, else {DEFAULT_MODEL})")
+    predict.add_argument("--model", help="registered model name or checkpoint path (default: the adapters' base model, else the registry's default model)")
     predict.add_argument("--adapter", action="append", metavar="DIR", help="adapter folder to apply (repeatable: black-box adapters share one backbone pass)")
     predict.add_argument("--structures", help="comma-separated structures to output (default: all the adapters' structures, else all the model knows)")
     predict.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
@@ -193,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     adapt = commands.add_parser("adapt", help="adapt the model to structures from a few annotated studies")
-    adapt.add_argument("--model", default=DEFAULT_MODEL, help="registered model name or checkpoint path (default: %(default)s)")
+    adapt.add_argument("--model", help="registered model name or checkpoint path (default: the registry's default model)")
     adapt.add_argument("--method", required=True, help="linear-probe, spatial-adapter, adapter-1x1, bitfit, affine-ln, lora, adaptformer or full (see: fseft methods)")
     adapt.add_argument("--tune-decoder", action="store_true", help="also fine-tune the decoder (the paper's decoder fine-tuning)")
     adapt.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "LABELS"), help="an annotated study: image and label map[:VALUE] or .seg.nrrd[:SEGMENT] (repeatable)")
@@ -213,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.set_defaults(run=cmd_adapt)
 
     methods = commands.add_parser("methods", help="what each adaptation method trains and costs")
-    methods.add_argument("--model", default=DEFAULT_MODEL, help="registry name (no download needed) or checkpoint path")
+    methods.add_argument("--model", help="registry name (no download needed) or checkpoint path (default: the registry's default model)")
     methods.add_argument("--structures", type=int, default=1, help="number of target structures (default: %(default)s)")
     methods.add_argument("--tune-decoder", action="store_true")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -222,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", help="supervised pretraining over partially labelled datasets (resumable; torchrun for several GPUs)")
     pretrain.add_argument("--config", required=True, help="YAML file: datasets, label templates, schedule, output folder")
     pretrain.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    pretrain.add_argument("--export", metavar="FILE.safetensors", help="instead of training: write the run's latest weights (with their architecture) to this file")
     pretrain.set_defaults(run=cmd_pretrain)
 
     models = commands.add_parser("models", help="list, import or download models")

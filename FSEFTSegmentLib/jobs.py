@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 ENGINE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding FSEFTSegmentLib
 
@@ -74,14 +74,6 @@ Importer = Callable[[dict[str, list[Path]]], None]
 #: imports torch; a test keeps the two in step.
 ADAPTATION_METHODS = ("linear-probe", "spatial-adapter", "adapter-1x1", "bitfit", "affine-ln", "lora",
                       "adaptformer", "full")
-
-
-def model_names() -> list[str]:
-    """Registered model names for a picker, read as plain JSON (the engine's registry imports torch).
-    Same file as the engine: `FSEFT_REGISTRY`, else Resources/models.json beside the engine."""
-    path = Path(os.environ.get("FSEFT_REGISTRY") or ENGINE_ROOT / "Resources" / "models.json").expanduser()
-    with open(path, encoding="utf-8") as file:
-        return [entry["name"] for entry in json.load(file)["models"]]
 
 
 def missing_requirements() -> list[str]:

@@ -202,6 +202,9 @@ class CropSampler:
         self.background_count = int(background.sum())
         self._background_indices: torch.Tensor | None = None
 
+    def _foreground_index(self, generator: torch.Generator) -> int:
+        return int(self.foreground[torch.randint(len(self.foreground), (1,), generator=generator)])
+
     def _background_index(self, generator: torch.Generator) -> int:
         total = self.background.numel()
         if self.background_count >= total // 20:  # rejection sampling: cheap when background is common
@@ -221,7 +224,7 @@ class CropSampler:
         for _ in range(count):
             positive = float(torch.rand((), generator=generator)) < positive_fraction
             if (positive and len(self.foreground)) or not self.background_count:
-                index = int(self.foreground[torch.randint(len(self.foreground), (1,), generator=generator)])
+                index = self._foreground_index(generator)
             else:
                 index = self._background_index(generator)
             centre = np.unravel_index(index, self.shape)

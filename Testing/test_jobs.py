@@ -19,8 +19,16 @@ from pathlib import Path
 import pytest
 
 from FSEFTSegmentLib import jobs
-from FSEFTSegmentLib.jobs import (ADAPTATION_METHODS, EngineJob, JobState, JobStateError, adapt_command, adapter_folder,
-                                  parse_line, predict_command)
+from FSEFTSegmentLib.jobs import (
+    ADAPTATION_METHODS,
+    EngineJob,
+    JobState,
+    JobStateError,
+    adapt_command,
+    adapter_folder,
+    parse_line,
+    predict_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "FSEFTSegment" / "FSEFTSegment.py"
@@ -505,12 +513,16 @@ def test_parse_line(line, expected):
     assert parse_line(line) == expected
 
 
-def test_model_names_come_from_the_registry_file(tmp_path, monkeypatch):
-    assert "fseft-swinunetr" in jobs.model_names()
+def test_model_names_come_from_the_registry_file_default_first(tmp_path, monkeypatch):
+    from FSEFTSegmentLib.registry_file import model_names
+
+    assert model_names()[0] == "fseft-mini" and "fseft-swinunetr" in model_names()
     registry = tmp_path / "models.json"
-    registry.write_text(json.dumps({"models": [{"name": "mine"}]}))
+    registry.write_text(json.dumps({"models": [{"name": "mine"}, {"name": "other"}]}))
     monkeypatch.setenv("FSEFT_REGISTRY", str(registry))
-    assert jobs.model_names() == ["mine"]
+    assert model_names() == ["mine", "other"]
+    registry.write_text(json.dumps({"default": "other", "models": [{"name": "mine"}, {"name": "other"}]}))
+    assert model_names() == ["other", "mine"]
 
 
 # --- the Slicer module, statically ---------------------------------------------------------------
@@ -526,7 +538,7 @@ def test_module_compiles_and_never_imports_torch(tmp_path):
 
 
 def test_the_engine_modules_the_slicer_process_loads_do_not_import_torch():
-    code = "import sys, FSEFTSegmentLib.jobs, FSEFTSegmentLib.scene; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    code = "import sys, FSEFTSegmentLib.jobs, FSEFTSegmentLib.scene, FSEFTSegmentLib.registry_file; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from conftest import SHARED_DATA
 
 from FSEFTSegmentLib.errors import Cancelled, InputError
 from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
@@ -238,3 +239,36 @@ def test_single_label_is_split_into_left_and_right(tmp_path):
     assert len(right) > 100 and len(left) > 100
     assert left.max() < right.min()
     assert "'datasets[0].split_left_right'" in _bad_config(tmp_path, {**values, "datasets": [{**values["datasets"][0], "split_left_right": {5: 2}}]})
+
+
+def test_the_papers_config_documents_nine_datasets_drawn_equally(tmp_path):
+    """The shipped paper config parses once its expected folder layout exists (one file a folder)."""
+    source = ROOT / "Resources" / "pretraining" / "paper-9-datasets.yaml"
+    values = yaml.safe_load(source.read_text(encoding="utf-8"))
+    for dataset in values["datasets"]:
+        for key in ("images", "labels"):
+            folder = tmp_path / Path(dataset[key]).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "case0.nii.gz").touch()
+    (tmp_path / "paper.yaml").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    config = PretrainConfig.from_yaml(tmp_path / "paper.yaml")
+    assert config.architecture == Architecture()  # the released model's shape and space
+    assert (config.lr, config.epochs, config.volumes_per_step, config.crops_per_volume) == (1e-4, 1000, 2, 3)
+    groups: dict[str, float] = {}
+    for spec in config.datasets:
+        paper_dataset = "MSD" if spec.name.startswith("MSD-") else spec.name
+        groups[paper_dataset] = groups.get(paper_dataset, 0.0) + spec.weight
+    assert len(groups) == 9 and all(weight == pytest.approx(1.0, abs=1e-3) for weight in groups.values())
+    kits = next(spec for spec in config.datasets if spec.name == "KiTS19")
+    assert kits.split_left_right == {2: 3} and kits.annotated == (2, 3, 18)
+
+
+def test_the_bundled_models_config_reads_the_shared_label_maps():
+    path = ROOT / "Resources" / "pretraining" / "fseft-mini.yaml"
+    if not (SHARED_DATA / "label-maps" / "btcv-abdct").is_dir():
+        pytest.skip(f"shared label maps not found ({SHARED_DATA / 'label-maps'})")
+    config = PretrainConfig.from_yaml(path)
+    assert [(spec.name, len(spec.labels), spec.mirror_left_right) for spec in config.datasets] == [
+        ("btcv-synthetic", 30, True), ("amos-synthetic", 1, False)]
+    assert all(spec.synthesize and not spec.images for spec in config.datasets)
+    assert config.architecture.out_channels == 16 and config.class_balanced

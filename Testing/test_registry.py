@@ -25,8 +25,12 @@ import pytest
 import torch
 
 from FSEFTSegmentLib.errors import DownloadError, InputError, ModelError
-from FSEFTSegmentLib.model import Architecture, FoundationSwinUNETR, load_foundation_model
-from FSEFTSegmentLib.model import registry
+from FSEFTSegmentLib.model import (
+    Architecture,
+    FoundationSwinUNETR,
+    load_foundation_model,
+    registry,
+)
 from FSEFTSegmentLib.progress import Progress
 
 TINY = Architecture(feature_size=12)
@@ -465,6 +469,12 @@ def test_load_foundation_model_strict(env, tmp_path, tiny_state, change, listed)
 
 
 def test_shipped_registry():
+    from FSEFTSegmentLib.registry_file import default_model, read_document
+
+    document = read_document(registry.REGISTRY_FILE)
+    assert default_model(document) == "fseft-mini"
+    mini = registry.load_registry(registry.REGISTRY_FILE)["fseft-mini"]
+    assert mini.bundled and mini.weights_path == registry.RESOURCES / "models" / "fseft-mini" / "fseft-mini.safetensors"
     entry = registry.load_registry(registry.REGISTRY_FILE)["fseft-swinunetr"]
     assert entry.files[0].url.endswith("id=18yLNxmWGnVifQNeYYwyyu56Cg4tWV9aW") and entry.files[0].filename == "fseft.pth"
     assert entry.architecture == Architecture() and len(entry.architecture.class_names) == 29
@@ -480,6 +490,10 @@ def test_shipped_registry():
         (lambda m: m[0]["architecture"].update(class_names=["x"]), "1 class_names for 29 out_channels"),
         (lambda m: m[0]["files"][0].update(filename="../x.pth"), "plain file name"),
         (lambda m: m.append(dict(m[0])), "entry 1 ('a'): duplicate name"),
+        (lambda m: m[0]["files"][0].update(path="models/a/a.pth"), 'either "url" or "path"'),
+        (lambda m: m[0]["files"][0].pop("url") and m[0]["files"][0].update(path="models/a/weights.pth"), "a bundled file needs its sha256"),
+        (lambda m: m[0]["files"][0].pop("url") and m[0]["files"][0].update(path="../a.pth", filename="a.pth", sha256="0" * 64),
+         "path must be relative to Resources/"),
     ],
 )
 def test_registry_validation(tmp_path, monkeypatch, mutate, problem):
@@ -507,3 +521,49 @@ def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setattr(registry.sys, "platform", "win32")
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
     assert registry.cache_dir() == tmp_path / "local" / "fseft"
+
+
+# ---------------------------------------------------------------- bundled models
+
+
+@pytest.fixture
+def bundled(tmp_path, monkeypatch, tiny_state):
+    """A private registry whose model `mini` ships inside a temporary Resources/ folder."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(registry, "RESOURCES", tmp_path / "Resources")
+    weights = tmp_path / "Resources" / "models" / "mini" / "mini.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tiny_state.items()}, str(weights))
+    entry = _entry("mini", "https://example.org/unused", registry.sha256_file(weights), feature_size=12)
+    entry["files"][0] = {"path": "models/mini/mini.safetensors", "filename": "mini.safetensors", "sha256": registry.sha256_file(weights)}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"default": "mini", "models": [entry]}))
+    monkeypatch.setenv("FSEFT_REGISTRY", str(path))
+    return weights
+
+
+def test_bundled_model_loads_without_cache_or_download(bundled, tiny_state):
+    rows = registry.list_models()
+    assert [(row["name"], row["status"], row["path"]) for row in rows] == [("mini", "bundled", str(bundled))]
+    network = load_foundation_model("mini")
+    assert torch.equal(network.state_dict()["classifier.bias"], tiny_state["classifier.bias"])
+    assert registry.model_sha256("mini") == registry.sha256_file(bundled)
+    assert registry.pull_model("mini") == bundled  # nothing to download
+    assert not (registry.cache_dir() / "models" / "mini").exists()
+    with pytest.raises(InputError, match="bundled"):
+        registry.import_model(bundled, "mini")
+
+
+def test_damaged_or_missing_bundled_model_is_refused(bundled):
+    data = bytearray(bundled.read_bytes())
+    data[-1] ^= 0xFF
+    bundled.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="damaged") as caught:
+        load_foundation_model("mini")
+    assert str(bundled) in str(caught.value)
+    bundled.unlink()
+    with pytest.raises(ModelError, match="missing from this installation"):
+        load_foundation_model("mini")
+    assert registry.list_models()[0]["status"] == "bundled file missing"

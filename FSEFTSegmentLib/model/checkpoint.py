@@ -8,6 +8,7 @@ loader is not: a missing, unexpected or mis-shaped key is an error that lists th
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -20,6 +21,8 @@ from ..errors import ModelError
 from .network import Architecture, FoundationSwinUNETR
 
 WRAPPER_KEYS = ("state_dict", "net", "model")
+#: safetensors metadata key holding the Architecture as JSON (written by `pretraining.export_model`)
+ARCHITECTURE_METADATA = "fseft.architecture"
 KEY_RENAMES = ((re.compile(r"^module\."), ""), (re.compile(r"^out\.conv\.conv\."), "classifier."))
 MAX_LISTED_KEYS = 6
 
@@ -48,6 +51,22 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ModelError("does not contain a state dict of tensors", path)
     return {_canonical_key(key): value for key, value in raw.items()}
+
+
+def stored_architecture(path: str | os.PathLike) -> Architecture | None:
+    """The Architecture a safetensors file states in its metadata (spacing, patch, HU window,
+    class names travel with the weights), or None for files that carry none."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(ARCHITECTURE_METADATA)
+        return Architecture.from_dict(json.loads(text)) if text else None
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelError(f"unreadable architecture metadata ({type(error).__name__})", path) from None
 
 
 def _canonical_key(key: str) -> str:

@@ -33,7 +33,7 @@ class Architecture:
     class_names: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Architecture":
+    def from_dict(cls, values: dict) -> Architecture:
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         for key in ("depths", "num_heads", "hu_window", "class_names"):
             if key in known:

@@ -6,6 +6,10 @@ the strict layout check of `build_from_checkpoint` (pickle-free, every key prese
 agreement with the registry's architecture. Files are written under temporary names and renamed
 into place, so an interrupted download or import never leaves a half-file that looks complete.
 
+A bundled model (its file entry has a `path` inside the extension's `Resources/` instead of a `url`)
+ships with the code: it is never downloaded or copied, and its sha256 (required in the registry) is
+checked before each process first uses it.
+
 Layout of the cache: `cache_dir()/models/<name>/<filename>` plus `record.json` (accepted sha256,
 size, source, time, and for imported models the architecture read off the file).
 Standard library only for the network (urllib with a cookie jar): no `requests` dependency inside
@@ -33,10 +37,10 @@ from pathlib import Path
 
 from ..errors import DownloadError, FSEFTError, InputError, ModelError
 from ..progress import Progress
-from .checkpoint import build_from_checkpoint
+from ..registry_file import REGISTRY_FILE, RESOURCES, registry_path  # noqa: F401 (re-exported)
+from .checkpoint import build_from_checkpoint, stored_architecture
 from .network import Architecture
 
-REGISTRY_FILE = Path(__file__).resolve().parents[2] / "Resources" / "models.json"
 RECORD = "record.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -53,12 +57,15 @@ USER_AGENT = "FSEFTSegment (python-urllib)"
 
 @dataclass(frozen=True)
 class ModelFile:
-    """One file of a model: where it comes from and what it must hash to (None: trust on first use)."""
+    """One file of a model: where it comes from and what it must hash to (None: trust on first use).
+
+    `bundled`: the file's path inside `Resources/` when it ships with the extension (then `url` is "")."""
 
     url: str
     filename: str
     sha256: str | None = None
     size: int | None = None
+    bundled: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,13 @@ class ModelEntry:
         return model_dir(self.name)
 
     @property
+    def bundled(self) -> bool:
+        return self.files[0].bundled is not None
+
+    @property
     def weights_path(self) -> Path:
+        if self.bundled:
+            return RESOURCES / self.files[0].bundled
         return self.directory / self.files[0].filename
 
 
@@ -161,10 +174,6 @@ def _reason(error: FSEFTError) -> str:
 # ---------------------------------------------------------------- registry
 
 
-def registry_path() -> Path:
-    return Path(os.environ.get("FSEFT_REGISTRY") or REGISTRY_FILE).expanduser()
-
-
 def load_registry(path: str | os.PathLike | None = None) -> dict[str, ModelEntry]:
     """Entries of the registry file (checked; a bad one is a ModelError naming it), then imported models."""
     path = Path(path) if path is not None else registry_path()
@@ -225,10 +234,16 @@ def _parse_entry(raw, index: int, path: Path) -> ModelEntry:
         raise bad('"files" must be a non-empty list')
     files = []
     for number, item in enumerate(raw["files"]):
-        if not isinstance(item, dict) or not {"url", "filename"} <= set(item):
-            raise bad(f'file {number} needs "url" and "filename"')
-        url, filename, digest, size = item["url"], item["filename"], item.get("sha256"), item.get("size")
-        if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        if not isinstance(item, dict) or "filename" not in item or ("url" in item) == ("path" in item):
+            raise bad(f'file {number} needs "filename" and either "url" or "path" (bundled, inside Resources/)')
+        url, filename, digest, size = item.get("url", ""), item["filename"], item.get("sha256"), item.get("size")
+        bundled = item.get("path")
+        if bundled is not None:
+            if not isinstance(bundled, str) or Path(bundled).is_absolute() or ".." in Path(bundled).parts or Path(bundled).name != filename:
+                raise bad(f"file {number}: path must be relative to Resources/ and end with the filename")
+            if digest is None:
+                raise bad(f"file {number}: a bundled file needs its sha256")
+        elif not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise bad(f"file {number}: url must be http(s)")
         if not isinstance(filename, str) or not NAME.match(filename) or filename == RECORD:
             raise bad(f"file {number}: filename must be a plain file name")
@@ -236,7 +251,7 @@ def _parse_entry(raw, index: int, path: Path) -> ModelEntry:
             raise bad(f"file {number}: sha256 must be 64 hex digits or null")
         if size is not None and not (isinstance(size, int) and size > 0):
             raise bad(f"file {number}: size must be a positive integer or null")
-        files.append(ModelFile(url, filename, digest.lower() if digest else None, size))
+        files.append(ModelFile(url, filename, digest.lower() if digest else None, size, bundled))
     return ModelEntry(
         name=raw["name"],
         description=raw["description"],
@@ -289,7 +304,8 @@ def list_models() -> list[dict]:
             {
                 "name": name,
                 "description": entry.description,
-                "status": "imported" if entry.imported else "available" if present else "not downloaded",
+                "status": "imported" if entry.imported else ("bundled" if present else "bundled file missing") if entry.bundled
+                else "available" if present else "not downloaded",
                 "path": str(weights),
                 "size": weights.stat().st_size if present else entry.files[0].size,
                 "sha256": info.get("sha256") or entry.files[0].sha256,
@@ -302,20 +318,42 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[Path, Architecture, 
     """Weights file, architecture defaults and display name for a checkpoint path or a cached model's name."""
     candidate = Path(name_or_path).expanduser()
     if candidate.is_file():
-        return candidate, Architecture(), candidate.name
+        return candidate, stored_architecture(candidate) or Architecture(), candidate.name
     name = os.fspath(name_or_path)
     registry = load_registry()
     if name not in registry and (os.sep in name or "/" in name or candidate.suffix in (".pth", ".pt", ".ckpt", ".safetensors")):
         raise ModelError("no such checkpoint file", candidate)
     entry = _entry(name, registry)
-    if not entry.weights_path.is_file():
+    if entry.bundled:
+        _check_bundled(entry)
+    elif not entry.weights_path.is_file():
         raise ModelError(f"model '{name}' is not downloaded; run: fseft models pull {name}")
     return entry.weights_path, entry.architecture, name
+
+
+_verified_bundles: dict[tuple[str, int, int], bool] = {}
+
+
+def _check_bundled(entry: ModelEntry) -> None:
+    """A bundled file must exist and hash to the registry's sha256 (checked once per process and file state)."""
+    path = entry.weights_path
+    if not path.is_file():
+        raise ModelError(f"the bundled model '{entry.name}' is missing from this installation; reinstall FSEFTSegment", path)
+    status = path.stat()
+    key = (str(path), status.st_size, status.st_mtime_ns)
+    if key not in _verified_bundles:
+        digest = sha256_file(path)
+        if digest != entry.files[0].sha256:
+            raise ModelError(f"the bundled model '{entry.name}' is damaged (sha256 {digest[:12]}... != registry {entry.files[0].sha256[:12]}...); reinstall FSEFTSegment", path)
+        _verified_bundles[key] = True
 
 
 def model_sha256(name_or_path: str | os.PathLike) -> str:
     """sha256 of a model's weights: the cache record's (accepted when pulled or imported), else the file's."""
     path, _, name = resolve_model(name_or_path)
+    registered = load_registry().get(name)
+    if registered is not None and registered.bundled and not Path(name_or_path).expanduser().is_file():
+        return registered.files[0].sha256  # verified by resolve_model
     if not Path(name_or_path).expanduser().is_file():
         recorded = _file_record(_read_record(name), path.name).get("sha256")
         if recorded:
@@ -356,6 +394,8 @@ def import_model(path: str | os.PathLike, name: str) -> Path:
         raise InputError(f"model name '{name}' must be letters, digits, '.', '_' or '-' (at most 64)")
     registry = load_registry()
     entry = registry.get(name)
+    if entry is not None and entry.bundled:
+        raise InputError(f"'{name}' is bundled with FSEFTSegment; import the file under another name")
     registered = entry if entry is not None and not entry.imported else None
     target = model_dir(name) / (registered.files[0].filename if registered else source.name)
     if target.name == RECORD or not NAME.match(target.name):
@@ -548,6 +588,10 @@ def pull_model(name: str, progress: Progress | None = None, *, force: bool = Fal
     entry = _entry(name, load_registry())
     if entry.imported:
         raise ModelError(f"model '{name}' was imported from a file; there is nothing to download")
+    if entry.bundled:
+        _check_bundled(entry)
+        progress.info(f"{name}: bundled with FSEFTSegment, nothing to download ({entry.weights_path})", model=name)
+        return entry.weights_path
     entry.directory.mkdir(parents=True, exist_ok=True)
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
     for index, file in enumerate(entry.files):

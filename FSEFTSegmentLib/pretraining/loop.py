@@ -53,6 +53,7 @@ from ..preprocessing import CTPreprocessing
 from ..progress import Progress, make_progress
 from ..training import CropSampler, _cut, pad_to
 from .loss import partial_label_dice_loss
+from .synthesis import mirror_left_right, synthesize_ct
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
 MODEL_NAME = "model.pt"
@@ -72,6 +73,15 @@ class DatasetSpec:
     #: universal id -> id of its left counterpart: a single kidney/lung label is split, voxels with
     #: model-space (RAS) axis-0 index < X/2 becoming the left organ (paper-facts section 5)
     split_left_right: dict[int, int] = field(default_factory=dict)
+    #: label-map-only datasets: images are synthesised (`synthesis.synthesize_ct`), `synthesize`
+    #: distinct variants per map (0: the dataset has images)
+    synthesize: int = 0
+    mirror_left_right: bool = False  # the maps' headers are left-right mirrored (BTCV)
+    weight: float = 1.0  # relative sampling weight (1 for every dataset: balanced, as the paper)
+
+    @property
+    def volumes(self) -> int:
+        return len(self.labels) * max(self.synthesize, 1)
 
 
 @dataclass
@@ -95,6 +105,10 @@ class PretrainConfig:
     intensity_shift: float = 0.1
     intensity_shift_prob: float = 0.2
     rot90_prob: float = 0.1
+    #: positive crops centre on a structure drawn uniformly among those present (MONAI's
+    #: RandCropByLabelClasses), so small organs are seen as often as the liver
+    class_balanced: bool = False
+    bce_weight: float = 0.0  # adds this times the masked binary cross-entropy to the Dice loss
     init: str | None = None  # optional starting weights (e.g. MONAI's self-supervised Swin-UNETR)
     resume: bool = True  # continue from out/checkpoint-last.pt when it exists
     source: str | None = None  # the YAML file, for messages
@@ -151,11 +165,11 @@ class PretrainConfig:
                 if not isinstance(value, str):
                     fail(key, "must be a path")
                 value = str((base / Path(value).expanduser()) if not Path(value).expanduser().is_absolute() else Path(value).expanduser())
-            elif key == "resume":
+            elif key in ("resume", "class_balanced"):
                 if not isinstance(value, bool):
                     fail(key, "must be true or false")
             elif key in ("lr", "weight_decay", "warmup_epochs", "warmup_start_factor", "positive_fraction",
-                         "intensity_shift", "intensity_shift_prob", "rot90_prob"):
+                         "intensity_shift", "intensity_shift_prob", "rot90_prob", "bce_weight"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     try:
                         value = float(value)  # YAML reads 1e-4 (no dot) as a string
@@ -184,16 +198,28 @@ class PretrainConfig:
 def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, fail) -> DatasetSpec:
     if not isinstance(entry, dict):
         fail(key, "must be a mapping with name, images, labels, label_template, annotated")
-    unknown = sorted(set(entry) - {"name", "images", "labels", "label_template", "annotated", "split_left_right"})
+    unknown = sorted(set(entry) - {"name", "images", "labels", "label_template", "annotated", "split_left_right",
+                                   "synthesize", "mirror_left_right", "weight"})
     if unknown:
         fail(f"{key}.{unknown[0]}", "unknown key")
-    for required in ("name", "images", "labels", "label_template"):
+    synthesize = entry.get("synthesize", 0)
+    if isinstance(synthesize, bool) or not isinstance(synthesize, int) or synthesize < 0:
+        fail(f"{key}.synthesize", "must be the number of synthetic variants per label map (0: real images)")
+    for required in ("name", "labels", "label_template") + (() if synthesize else ("images",)):
         if entry.get(required) in (None, "", [], {}):
             fail(f"{key}.{required}", "is missing")
+    if synthesize and entry.get("images"):
+        fail(f"{key}.images", "a synthesised dataset has label maps only")
+    mirror = entry.get("mirror_left_right", False)
+    if not isinstance(mirror, bool):
+        fail(f"{key}.mirror_left_right", "must be true or false")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+        fail(f"{key}.weight", "must be a positive number")
     name = str(entry["name"])
-    images = _paths(entry["images"], f"{key}.images", base, fail)
     labels = _paths(entry["labels"], f"{key}.labels", base, fail)
-    if len(images) != len(labels):
+    images = [] if synthesize else _paths(entry["images"], f"{key}.images", base, fail)
+    if not synthesize and len(images) != len(labels):
         fail(f"{key}.labels", f"{len(labels)} label file(s) for {len(images)} image(s); they pair in sorted order")
     template_values = entry["label_template"]
     if not isinstance(template_values, dict):
@@ -240,7 +266,7 @@ def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, 
         missing = sorted(produced - set(annotated))
         if missing:
             fail(f"{key}.annotated", f"universal id {missing[0]} is produced by label_template or split_left_right but not annotated")
-    return DatasetSpec(name, images, labels, template, annotated, split)
+    return DatasetSpec(name, images, labels, template, annotated, split, synthesize, mirror, float(weight))
 
 
 def _paths(value: Any, key: str, base: Path, fail) -> list[str]:
@@ -301,15 +327,25 @@ class _VolumeCache:
         return self.volumes[key]
 
     def _load(self, spec: DatasetSpec, index: int) -> _Volume:
-        image_path, label_path = spec.images[index], spec.labels[index]
-        image = read_image(image_path)
+        label_path = spec.labels[index % len(spec.labels)]
         label_image = read_image(label_path)
-        if label_image.GetSize() != image.GetSize():
-            raise InputError(f"label grid {label_image.GetSize()} differs from its image's {image.GetSize()} ({image_path})", label_path)
         source = np.rint(sitk.GetArrayViewFromImage(label_image)).astype(np.int64)
-        remapped = np.zeros(source.shape, dtype=np.float32)
+        remapped = np.zeros(source.shape, dtype=np.uint8)
         for value, universal in spec.label_template.items():
             remapped[source == value] = universal
+        if spec.synthesize:  # variant n of map m is volume n * maps + m, drawn from its own seed
+            universal_map = sitk.GetImageFromArray(remapped)
+            universal_map.CopyInformation(label_image)
+            if spec.mirror_left_right:
+                universal_map = mirror_left_right(universal_map)
+            seed = int(np.random.SeedSequence([self.config.seed, index, *spec.name.encode()]).generate_state(1)[0])
+            image, universal_map = synthesize_ct(universal_map, seed)
+            remapped = sitk.GetArrayFromImage(universal_map)
+        else:
+            image = read_image(spec.images[index])
+            if label_image.GetSize() != image.GetSize():
+                raise InputError(f"label grid {label_image.GetSize()} differs from its image's {image.GetSize()} ({spec.images[index]})", label_path)
+        remapped = remapped.astype(np.float32)
         preprocessed = self.preprocessing(image)
         label = self.preprocessing.masks_to_model_space(remapped[None], image, preprocessed)
         if spec.split_left_right:
@@ -319,7 +355,21 @@ class _VolumeCache:
                 label[(label == whole) & left_half] = left
         volume, _ = pad_to(preprocessed.as_tensor().float(), self.crop)
         label, _ = pad_to(label, self.crop)
-        return _Volume(volume.contiguous(), label.contiguous(), CropSampler(label, volume[0]))
+        sampler = ClassBalancedSampler(label, volume[0]) if self.config.class_balanced else CropSampler(label, volume[0])
+        return _Volume(volume.contiguous(), label.contiguous(), sampler)
+
+
+class ClassBalancedSampler(CropSampler):
+    """Positive crops centre on a voxel of a structure drawn uniformly among those present."""
+
+    def __init__(self, label: torch.Tensor, image: torch.Tensor | None = None):
+        super().__init__(label, image)
+        values = label.reshape(-1)[self.foreground]
+        self.by_class = [self.foreground[values == value] for value in torch.unique(values)]
+
+    def _foreground_index(self, generator: torch.Generator) -> int:
+        members = self.by_class[int(torch.randint(len(self.by_class), (1,), generator=generator))]
+        return int(members[torch.randint(len(members), (1,), generator=generator)])
 
 
 def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: int, rank: int):
@@ -330,9 +380,10 @@ def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: in
     ids = torch.arange(1, channels + 1, dtype=torch.uint8).view(-1, 1, 1, 1)
     images, targets, annotated, names = [], [], [], []
     for _ in range(config.volumes_per_step):
-        dataset = int(torch.randint(len(config.datasets), (1,), generator=draw))
+        weights = torch.tensor([spec.weight for spec in config.datasets], dtype=torch.float64)
+        dataset = int(torch.multinomial(weights, 1, generator=draw))
         spec = config.datasets[dataset]
-        index = int(torch.randint(len(spec.images), (1,), generator=draw))
+        index = int(torch.randint(spec.volumes, (1,), generator=draw))
         volume = cache.get(dataset, index)
         mask = torch.zeros(channels, dtype=torch.bool)
         mask[[v - 1 for v in spec.annotated]] = True
@@ -402,7 +453,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
     else:
         device = torch.device("cpu")
     crop = config.crop_size or config.architecture.patch_size
-    volumes = sum(len(spec.images) for spec in config.datasets)
+    volumes = sum(spec.volumes for spec in config.datasets)
     per_epoch = config.steps_per_epoch or max(1, volumes // (config.volumes_per_step * world))
     total = config.steps or config.epochs * per_epoch
     warmup = round(config.warmup_epochs * per_epoch)
@@ -481,7 +532,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         lr_now = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         logits = model(images.to(device))
-        loss = partial_label_dice_loss(logits, targets.to(device), annotated.to(device))
+        loss = partial_label_dice_loss(logits, targets.to(device), annotated.to(device), bce_weight=config.bce_weight)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -522,6 +573,39 @@ def _trim_log(path: Path, step: int) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(temporary, path)
+
+
+def export_model(config: PretrainConfig, target: str | os.PathLike) -> dict:
+    """Write the run's latest weights as a shippable safetensors file: tensors plus metadata
+    (the architecture with the universal class names, the step reached, the config). Atomic."""
+    from safetensors.torch import save_file
+
+    from ..io.files import atomic_write
+    from ..labels import UNIVERSAL_STRUCTURES
+    from ..model.checkpoint import ARCHITECTURE_METADATA
+
+    checkpoint_path = Path(config.out) / CHECKPOINT_NAME
+    if not checkpoint_path.is_file():
+        raise InputError("no checkpoint to export yet; run the pretraining first", checkpoint_path)
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    architecture = Architecture.from_dict(state["architecture"])
+    names = tuple(structure.name for structure in UNIVERSAL_STRUCTURES[: architecture.out_channels])
+    architecture = Architecture.from_dict({**architecture.to_dict(), "class_names": names})
+    # Weights as float32; the relative-position index buffers (int64, a third of the bytes) as int16,
+    # which holds them exactly and loads back into the int64 buffers.
+    tensors = {
+        key: (value.to(torch.int16) if key.endswith("relative_position_index") else value.float()).contiguous()
+        for key, value in state["model"].items()
+    }
+    metadata = {
+        ARCHITECTURE_METADATA: json.dumps(architecture.to_dict()),
+        "fseft.steps": f"{state['step']} of {state['total_steps']}",
+        "fseft.config": Path(config.source).name if config.source else "",
+        "fseft.training_data": "synthetic images only" if all(spec.synthesize for spec in config.datasets) else "see config",
+    }
+    with atomic_write(target) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return {"path": str(target), "steps": int(state["step"]), "total_steps": int(state["total_steps"])}
 
 
 def main_pretrain(config_path: str, progress_kind: str = "bar") -> int:
