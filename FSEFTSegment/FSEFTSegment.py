@@ -316,7 +316,11 @@ class FSEFTSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class FSEFTSegmentTest(ScriptedLoadableModuleTest):
-    """Fast self-test without a model: the scene round trip and a job driven by a stand-in engine."""
+    """Self-test: the scene round trip through a stand-in engine (seconds), then the real engine and the
+    bundled model on a procedural phantom (about a minute on a CPU)."""
+
+    #: Liver Dice the bundled model must reach on the phantom (see Testing/test_scene.py, where it is measured)
+    PHANTOM_LIVER_DICE_FLOOR = 0.5
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -324,6 +328,23 @@ class FSEFTSegmentTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_roundtrip_through_stand_in_engine()
+        self.setUp()
+        self.test_bundled_model_segments_a_phantom()
+
+    def test_bundled_model_segments_a_phantom(self):
+        """The bundled model, run by the real engine, finds the phantom's liver where the phantom put it."""
+        if missing_requirements():
+            self.delayDisplay("Skipped: install the engine's packages first (press Apply once)")
+            return
+        volume, labels = scene.add_phantom_volume(slicer.mrmlScene, seed=7)
+        job = FSEFTSegmentLogic().run([volume], "fseft-mini", "liver", "cpu", waitForCompletion=True)
+        self.assertIs(job.state, JobState.COMPLETED, job.message)
+        result = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+        predicted = slicer.util.arrayFromSegmentBinaryLabelmap(result, result.GetSegmentation().GetNthSegmentID(0), volume) > 0
+        reference = labels == 6
+        dice = 2 * (predicted & reference).sum() / max(predicted.sum() + reference.sum(), 1)
+        self.assertGreater(dice, self.PHANTOM_LIVER_DICE_FLOOR)
+        self.delayDisplay(f"Bundled model on a phantom: liver Dice {dice:.2f}")
 
     def test_roundtrip_through_stand_in_engine(self):
         """A volume goes out, a stand-in engine process "segments" it, the result comes back aligned."""

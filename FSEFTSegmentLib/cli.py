@@ -174,6 +174,18 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import default_out_dir, results_table, run_demo
+    from .inference import choose_device
+    from .progress import make_progress
+
+    out = Path(args.out) if args.out else default_out_dir()
+    results = run_demo(out, quick=args.quick, device=choose_device(args.device), progress=make_progress(args.progress))
+    print(results_table(results))
+    print(f"demo outputs (phantoms, predictions, report.png, results.json): {out.absolute()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fseft", description="Few-shot CT organ segmentation with a foundation model.")
     parser.add_argument("--version", action="version", version=f"fseft {__version__}")
@@ -236,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     pretrain.add_argument("--export", metavar="FILE.safetensors", help="instead of training: write the run's latest weights (with their architecture) to this file")
     pretrain.set_defaults(run=cmd_pretrain)
+
+    demo = commands.add_parser("demo", help="offline demo: adapt the bundled model on phantoms with four methods, K = 1 and 5 (about 5 minutes on a CPU)")
+    demo.add_argument("--quick", action="store_true", help="smaller phantoms, K = 1 and 2, a few steps (under a minute)")
+    demo.add_argument("--out", help="output folder, new or empty (default: fseft-demo-<date>-<time> here)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    demo.add_argument("--progress", choices=("bar", "none"), default="bar")
+    demo.set_defaults(run=cmd_demo)
 
     models = commands.add_parser("models", help="list, import or download models")
     models.add_argument("action", choices=("list", "import", "pull"))

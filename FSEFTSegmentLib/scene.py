@@ -219,3 +219,24 @@ def _remove(scene, node) -> None:
         if display is not None:
             scene.RemoveNode(display)
     scene.RemoveNode(node)
+
+
+def add_phantom_volume(scene, seed: int = 0, size=(96, 96, 80), spacing=(3.0, 3.0, 3.0), name: str = "FSEFT phantom"):
+    """A procedural abdominal CT phantom (`pretraining.phantoms`) as a scalar volume node, plus its
+    label map (universal ids, KJI like `slicer.util.arrayFromVolume`): sample data and ground truth
+    for the self-test and for trying the module without patient data."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .pretraining.phantoms import make_phantom
+
+    image, labels = make_phantom(seed, size=size, spacing=spacing)
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(volume, sitk.GetArrayFromImage(image).astype(np.int16))
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = lps_to_ras @ np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    ijk_to_ras[:3, 3] = lps_to_ras @ np.array(image.GetOrigin())
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
+    volume.CreateDefaultDisplayNodes()
+    return volume, sitk.GetArrayFromImage(labels)
