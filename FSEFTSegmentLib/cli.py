@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", default="seg.nrrd", help="seg.nrrd, nii.gz (label map + JSON table) or both, comma-separated")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     predict.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
-    predict.add_argument("--largest-component", action="store_true", help="keep each structure's largest 26-connected component")
+    predict.add_argument("--largest-component", action="store_true", help="keep only what lies inside the patient's body, then each structure's largest 26-connected component")
     predict.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass (default: %(default)s)")
     predict.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
     predict.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: mixed precision on CUDA, fp32 on the CPU")

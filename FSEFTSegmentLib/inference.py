@@ -7,20 +7,23 @@ window for all the heads that read it, and the outputs come back in the order th
 given. Windows follow the paper (patch size, overlap 0.25, Gaussian blending of logits,
 sigmoid > 0.5 per structure: structures may overlap); windows run on the compute device while
 blending happens in CPU memory, so a large study does not need a large GPU. A CUDA out-of-memory
-error falls back to the CPU with a warning.
+error falls back to the CPU with a warning. With `largest_component`, each mask is first restricted
+to the patient's body (`body_mask`: false positives on the table or in the air go), then cut to its
+largest component.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
+from scipy import ndimage
 from torch import nn
 
 from .errors import InputError
@@ -36,6 +39,7 @@ class InferenceSettings:
     overlap: float = 0.25
     threshold: float = 0.5
     largest_component: bool = False
+    body_mask: bool = True  # with largest_component: keep only what lies inside the patient's body first
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = False  # channels-last 3D memory layout for the convolutions
 
@@ -76,6 +80,29 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     return (sitk.GetArrayViewFromImage(components) == 1).astype(np.uint8)
 
 
+BODY_HU = -500.0  # air and lung lie below, every soft tissue, fat and bone above
+
+
+def body_mask(image: sitk.Image, threshold_hu: float = BODY_HU) -> np.ndarray | None:
+    """The patient's body in a CT as a (k, j, i) bool array, or None when no voxel is above `threshold_hu`.
+
+    The largest 26-connected region above `threshold_hu` (the table, clothes and noise in the air
+    around the patient are smaller and detached), its holes (lungs, bowel gas) filled slice by slice
+    across the image axis nearest the patient's head-feet axis.
+    """
+    above = sitk.GetArrayViewFromImage(image) > threshold_hu
+    if not above.any():
+        return None
+    body = keep_largest_component(above.astype(np.uint8)).astype(bool)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    axis = 2 - int(np.argmax(np.abs(direction[2])))  # numpy axis of the index axis closest to LPS z
+    plane = ndimage.generate_binary_structure(3, 1)
+    across = [slice(None)] * 3
+    across[axis] = [0, 2]
+    plane[tuple(across)] = False  # connectivity within a slice only: holes are filled slice by slice
+    return ndimage.binary_fill_holes(body, structure=plane)
+
+
 @dataclass(frozen=True, eq=False)
 class Head:
     """A head and the network whose `features` it reads; `channels` keeps some of its outputs, in that order.
@@ -89,7 +116,7 @@ class Head:
     channels: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, model: AdaptedModel, channels: Sequence[int] | None = None) -> "Head":
+    def of(cls, model: AdaptedModel, channels: Sequence[int] | None = None) -> Head:
         """An adapted model's head on its network (the base network itself for black-box adapters)."""
         return cls(model.head, model.network, tuple(channels) if channels is not None else None)
 
@@ -101,9 +128,10 @@ class SegmentationPredictor:
         self,
         network: FoundationSwinUNETR,
         device: torch.device,
-        settings: InferenceSettings = InferenceSettings(),
+        settings: InferenceSettings | None = None,
         progress: Progress | None = None,
     ):
+        settings = settings or InferenceSettings()
         self.network = network.eval().to(device)
         if settings.channels_last:
             self.network.to(memory_format=torch.channels_last_3d)
@@ -194,9 +222,12 @@ class SegmentationPredictor:
             self.device = torch.device("cpu")
             logits = self.logits(volume, heads, study)
         masks = np.empty((logits.shape[0],) + tuple(reversed(image.GetSize())), dtype=np.uint8)
+        body = body_mask(image) if self.settings.largest_component and self.settings.body_mask else None
         for channel in range(logits.shape[0]):
             probability = self.preprocessing.to_native(torch.sigmoid(logits[channel]), volume, image)
             masks[channel] = probability > self.settings.threshold
+            if body is not None:
+                masks[channel] &= body
             if self.settings.largest_component:
                 masks[channel] = keep_largest_component(masks[channel])
         return masks
