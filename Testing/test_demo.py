@@ -126,6 +126,8 @@ def test_demo_refuses_a_folder_with_other_files(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_demo_installs_then_runs_the_demo():
-    result = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    # --no-print-directory: under `make test` the nested make would add "Leaving directory" lines
+    result = subprocess.run(["make", "--no-print-directory", "-n", "demo"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == ".venv/bin/fseft demo"
