@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..errors import DownloadError, FSEFTError, InputError, ModelError
 from ..progress import Progress
-from ..registry_file import REGISTRY_FILE, RESOURCES, registry_path  # noqa: F401 (re-exported)
+from ..registry_file import REGISTRY_FILE, RESOURCES, read_document, registry_path  # noqa: F401 (re-exported)
 from .checkpoint import build_from_checkpoint, stored_architecture
 from .network import Architecture
 
@@ -178,7 +178,7 @@ def load_registry(path: str | os.PathLike | None = None) -> dict[str, ModelEntry
     """Entries of the registry file (checked; a bad one is a ModelError naming it), then imported models."""
     path = Path(path) if path is not None else registry_path()
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = read_document(path)
     except FileNotFoundError:
         raise ModelError("model registry file not found", path) from None
     except ValueError as error:
@@ -351,14 +351,12 @@ def _check_bundled(entry: ModelEntry) -> None:
 def model_sha256(name_or_path: str | os.PathLike) -> str:
     """sha256 of a model's weights: the cache record's (accepted when pulled or imported), else the file's."""
     path, _, name = resolve_model(name_or_path)
-    registered = load_registry().get(name)
-    if registered is not None and registered.bundled and not Path(name_or_path).expanduser().is_file():
-        return registered.files[0].sha256  # verified by resolve_model
-    if not Path(name_or_path).expanduser().is_file():
-        recorded = _file_record(_read_record(name), path.name).get("sha256")
-        if recorded:
-            return recorded
-    return sha256_file(path)
+    if Path(name_or_path).expanduser().is_file():
+        return sha256_file(path)
+    entry = load_registry()[name]
+    if entry.bundled:
+        return entry.files[0].sha256  # verified by resolve_model
+    return _file_record(_read_record(name), path.name).get("sha256") or sha256_file(path)
 
 
 # ---------------------------------------------------------------- acceptance

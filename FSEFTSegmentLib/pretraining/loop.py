@@ -221,34 +221,21 @@ def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, 
     images = [] if synthesize else _paths(entry["images"], f"{key}.images", base, fail)
     if not synthesize and len(images) != len(labels):
         fail(f"{key}.labels", f"{len(labels)} label file(s) for {len(images)} image(s); they pair in sorted order")
-    template_values = entry["label_template"]
-    if not isinstance(template_values, dict):
-        fail(f"{key}.label_template", "must map source label values to universal ids")
-    template: dict[int, int] = {}
-    for source_value, universal in template_values.items():
-        try:
-            source_int, universal_int = int(source_value), int(universal)
-        except (TypeError, ValueError):
-            fail(f"{key}.label_template", f"'{source_value}: {universal}' is not 'integer: integer'")
-        if source_int <= 0:
-            fail(f"{key}.label_template", f"source value {source_int}: background (0) cannot be mapped")
-        if not 1 <= universal_int <= architecture.out_channels:
-            fail(f"{key}.label_template", f"universal id {universal_int} is outside 1..{architecture.out_channels}")
-        template[source_int] = universal_int
-    split_values = entry.get("split_left_right") or {}
-    if not isinstance(split_values, dict):
-        fail(f"{key}.split_left_right", "must map a universal id to the id of its left counterpart")
-    split: dict[int, int] = {}
-    for whole, left in split_values.items():
-        try:
-            whole_int, left_int = int(whole), int(left)
-        except (TypeError, ValueError):
-            fail(f"{key}.split_left_right", f"'{whole}: {left}' is not 'integer: integer'")
-        if whole_int not in template.values():
-            fail(f"{key}.split_left_right", f"universal id {whole_int} is not produced by label_template")
-        if not 1 <= left_int <= architecture.out_channels:
-            fail(f"{key}.split_left_right", f"universal id {left_int} is outside 1..{architecture.out_channels}")
-        split[whole_int] = left_int
+    channels = architecture.out_channels
+    template_key = f"{key}.label_template"
+    template = _integer_mapping(entry["label_template"], template_key, "must map source label values to universal ids", fail)
+    for source, universal in template.items():
+        if source <= 0:
+            fail(template_key, f"source value {source}: background (0) cannot be mapped")
+        if not 1 <= universal <= channels:
+            fail(template_key, f"universal id {universal} is outside 1..{channels}")
+    split_key = f"{key}.split_left_right"
+    split = _integer_mapping(entry.get("split_left_right") or {}, split_key, "must map a universal id to the id of its left counterpart", fail)
+    for whole, left in split.items():
+        if whole not in template.values():
+            fail(split_key, f"universal id {whole} is not produced by label_template")
+        if not 1 <= left <= channels:
+            fail(split_key, f"universal id {left} is outside 1..{channels}")
     produced = set(template.values()) | set(split.values())
     annotated_values = entry.get("annotated")
     if annotated_values is None:
@@ -267,6 +254,19 @@ def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, 
         if missing:
             fail(f"{key}.annotated", f"universal id {missing[0]} is produced by label_template or split_left_right but not annotated")
     return DatasetSpec(name, images, labels, template, annotated, split, synthesize, mirror, float(weight))
+
+
+def _integer_mapping(values: Any, key: str, not_a_mapping: str, fail) -> dict[int, int]:
+    """A YAML mapping of integers to integers (keys may come as strings), or `fail(key, ...)`."""
+    if not isinstance(values, dict):
+        fail(key, not_a_mapping)
+    mapping: dict[int, int] = {}
+    for source, target in values.items():
+        try:
+            mapping[int(source)] = int(target)
+        except (TypeError, ValueError):
+            fail(key, f"'{source}: {target}' is not 'integer: integer'")
+    return mapping
 
 
 def _paths(value: Any, key: str, base: Path, fail) -> list[str]:
@@ -378,9 +378,9 @@ def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: in
     augment = _step_generator(config.seed, step, rank, 1)
     channels = config.architecture.out_channels
     ids = torch.arange(1, channels + 1, dtype=torch.uint8).view(-1, 1, 1, 1)
+    weights = torch.tensor([spec.weight for spec in config.datasets], dtype=torch.float64)
     images, targets, annotated, names = [], [], [], []
     for _ in range(config.volumes_per_step):
-        weights = torch.tensor([spec.weight for spec in config.datasets], dtype=torch.float64)
         dataset = int(torch.multinomial(weights, 1, generator=draw))
         spec = config.datasets[dataset]
         index = int(torch.randint(spec.volumes, (1,), generator=draw))
