@@ -19,7 +19,9 @@ from FSEFTSegmentLib.errors import Cancelled, InputError
 from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
 from FSEFTSegmentLib.model.network import Architecture
 from FSEFTSegmentLib.pretraining.loop import (
+    VOLUME_CACHE_NAME,
     PretrainConfig,
+    _VolumeCache,
     lr_factor,
     main_pretrain,
     pretrain,
@@ -191,6 +193,38 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert build_from_checkpoint(tmp_path / "whole" / "model.pt").architecture.out_channels == 4
     assert not list((tmp_path / "whole").glob("*.tmp"))
+
+
+def test_a_run_resized_on_resume_continues_its_cosine_toward_the_new_end(tmp_path):
+    """Stopped at step 3 of 6, resumed as a 10-step run: the lr follows the 10-step schedule from step 3."""
+    calls = []
+    with pytest.raises(Cancelled):
+        pretrain(PretrainConfig.from_yaml(_config(tmp_path)), Progress(), should_stop=lambda: calls.append(1) or len(calls) > 3)
+    result = pretrain(PretrainConfig.from_yaml(_config(tmp_path, steps=10)), Progress())
+    assert result["steps"] == 10
+    lrs = _lrs(tmp_path / "out")
+    assert len(lrs) == 10
+    assert lrs[3:] == pytest.approx([1e-4 * lr_factor(step, 2, 10) for step in range(3, 10)])
+    assert lrs[:3] == pytest.approx([1e-4 * lr_factor(step, 2, 6) for step in range(3)])
+
+
+def test_the_volume_cache_stores_prepared_volumes_keyed_by_their_inputs(tmp_path):
+    config = PretrainConfig.from_yaml(_config(tmp_path, volume_cache=True, steps=3))
+    pretrain(config, Progress())
+    stored = sorted((tmp_path / "out" / VOLUME_CACHE_NAME).glob("*.pt"))
+    assert stored and all(path.name.startswith(("A-", "B-")) for path in stored)
+
+    crop = config.architecture.patch_size
+    cached, fresh = _VolumeCache(config, crop, tmp_path / "out" / VOLUME_CACHE_NAME), _VolumeCache(config, crop)
+    for dataset, index in ((0, 0), (0, 1), (1, 0)):
+        assert torch.equal(cached.get(dataset, index).image, fresh.get(dataset, index).image)
+        assert torch.equal(cached.get(dataset, index).label, fresh.get(dataset, index).label)
+    assert len(list((tmp_path / "out" / VOLUME_CACHE_NAME).glob("*.pt"))) == 3
+
+    label = tmp_path / "b" / "lab0.nii.gz"
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # an edited label map
+    _VolumeCache(config, crop, tmp_path / "out" / VOLUME_CACHE_NAME).get(1, 0)
+    assert len(list((tmp_path / "out" / VOLUME_CACHE_NAME).glob("B-0-*.pt"))) == 2
 
 
 def test_main_pretrain_reports_a_bad_config(tmp_path, capsys):

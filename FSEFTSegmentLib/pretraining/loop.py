@@ -13,10 +13,12 @@ together to draw as many volumes as there are).
 
 Volumes are preprocessed once (CTPreprocessing; the remapped label map follows with
 `masks_to_model_space`) when first drawn, and kept in RAM as a float32 image and a uint8 map of
-universal ids.
+universal ids; with `volume_cache: true` also on disk under `out/volume-cache/`, so a resumed run
+does not synthesise them again.
 
 Randomness is drawn from generators seeded by (seed, step, rank), so a run resumed from a checkpoint
-draws exactly what the uninterrupted run would have; the checkpoint (`checkpoint-last.pt`,
+draws exactly what the uninterrupted run would have (resumed with another total number of steps,
+the cosine continues from the checkpoint's step toward the new end); the checkpoint (`checkpoint-last.pt`,
 written atomically every `checkpoint_every` steps, when stopped and at the end) holds the model,
 optimizer and scheduler states, the step, the torch RNG state and the architecture, all loadable
 with `torch.load(weights_only=True)`. The final weights alone go to `model.pt` (a plain state dict,
@@ -31,6 +33,7 @@ DistributedDataParallel (gloo on the CPU, nccl on CUDA); only rank 0 writes file
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -58,6 +61,7 @@ from .synthesis import mirror_left_right, synthesize_ct
 CHECKPOINT_NAME = "checkpoint-last.pt"
 MODEL_NAME = "model.pt"
 LOG_NAME = "loss.jsonl"
+VOLUME_CACHE_NAME = "volume-cache"
 
 
 # -------------------------------------------------------------------------------------------- config
@@ -111,6 +115,7 @@ class PretrainConfig:
     bce_weight: float = 0.0  # adds this times the masked binary cross-entropy to the Dice loss
     init: str | None = None  # optional starting weights (e.g. MONAI's self-supervised Swin-UNETR)
     resume: bool = True  # continue from out/checkpoint-last.pt when it exists
+    volume_cache: bool = False  # keep prepared volumes in out/volume-cache/ (a resumed run skips synthesis)
     source: str | None = None  # the YAML file, for messages
 
     @classmethod
@@ -165,7 +170,7 @@ class PretrainConfig:
                 if not isinstance(value, str):
                     fail(key, "must be a path")
                 value = str((base / Path(value).expanduser()) if not Path(value).expanduser().is_absolute() else Path(value).expanduser())
-            elif key in ("resume", "class_balanced"):
+            elif key in ("resume", "class_balanced", "volume_cache"):
                 if not isinstance(value, bool):
                     fail(key, "must be true or false")
             elif key in ("lr", "weight_decay", "warmup_epochs", "warmup_start_factor", "positive_fraction",
@@ -312,21 +317,61 @@ class _Volume:
 
 
 class _VolumeCache:
-    """Volumes in model space, preprocessed when first drawn and then kept in RAM."""
+    """Volumes in model space, preprocessed when first drawn and then kept in RAM.
 
-    def __init__(self, config: PretrainConfig, crop: int):
+    With a `folder`, each prepared volume is also stored there (our own tensors, read back with
+    `weights_only=True`), keyed by everything it depends on, so a resumed run skips the synthesis.
+    """
+
+    def __init__(self, config: PretrainConfig, crop: int, folder: Path | None = None):
         self.config = config
         self.crop = crop
+        self.folder = folder
         self.preprocessing = CTPreprocessing(config.architecture)
         self.volumes: dict[tuple[int, int], _Volume] = {}
 
     def get(self, dataset: int, index: int) -> _Volume:
         key = (dataset, index)
         if key not in self.volumes:
-            self.volumes[key] = self._load(self.config.datasets[dataset], index)
+            image, label = self._stored(self.config.datasets[dataset], index)
+            sampler = ClassBalancedSampler(label, image[0]) if self.config.class_balanced else CropSampler(label, image[0])
+            self.volumes[key] = _Volume(image, label, sampler)
         return self.volumes[key]
 
-    def _load(self, spec: DatasetSpec, index: int) -> _Volume:
+    def _stored(self, spec: DatasetSpec, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.folder is None:
+            return self._load(spec, index)
+        path = self.folder / f"{spec.name}-{index}-{self._fingerprint(spec, index)}.pt"
+        if path.is_file():
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                return stored["image"], stored["label"]
+            except Exception:  # a damaged entry is rebuilt
+                pass
+        image, label = self._load(spec, index)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save({"image": image, "label": label}, path)
+        return image, label
+
+    def _fingerprint(self, spec: DatasetSpec, index: int) -> str:
+        """Hash of the inputs and of the code that turns them into a prepared volume."""
+        from .. import preprocessing
+        from . import phantoms, synthesis
+
+        digest = hashlib.sha256()
+        label_path = spec.labels[index % len(spec.labels)]
+        sources = [label_path] if spec.synthesize else [label_path, spec.images[index]]
+        for source in sources:
+            status = Path(source).stat()
+            digest.update(f"{Path(source).resolve()}:{status.st_size}:{status.st_mtime_ns}".encode())
+        for module in (preprocessing, synthesis, phantoms):
+            digest.update(Path(module.__file__).read_bytes())
+        settings = [self.config.seed, self.crop, self.config.architecture.to_dict(), sorted(spec.label_template.items()),
+                    sorted(spec.split_left_right.items()), spec.synthesize, spec.mirror_left_right]
+        digest.update(json.dumps(settings, default=str).encode())
+        return digest.hexdigest()[:16]
+
+    def _load(self, spec: DatasetSpec, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         label_path = spec.labels[index % len(spec.labels)]
         label_image = read_image(label_path)
         source = np.rint(sitk.GetArrayViewFromImage(label_image)).astype(np.int64)
@@ -355,8 +400,7 @@ class _VolumeCache:
                 label[(label == whole) & left_half] = left
         volume, _ = pad_to(preprocessed.as_tensor().float(), self.crop)
         label, _ = pad_to(label, self.crop)
-        sampler = ClassBalancedSampler(label, volume[0]) if self.config.class_balanced else CropSampler(label, volume[0])
-        return _Volume(volume.contiguous(), label.contiguous(), sampler)
+        return volume.contiguous(), label.contiguous()
 
 
 class ClassBalancedSampler(CropSampler):
@@ -474,17 +518,18 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
     checkpoint_path = out / CHECKPOINT_NAME
     if config.resume and checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state.get("total_steps") != total:
-            raise InputError(
-                f"the checkpoint was written for {state.get('total_steps')} steps, this config runs {total}; "
-                "set resume: false or use another out folder", checkpoint_path
-            )
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         progress.info(f"resuming from step {step} of {total} ({checkpoint_path})")
+        if state.get("total_steps") != total:
+            # A longer or shorter run: the cosine continues from this step toward the new end
+            # (a warm restart when extended), so a run can be resized without starting over.
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * lr_factor(step, warmup, total, config.warmup_start_factor)
+            progress.info(f"the schedule changes from {state.get('total_steps')} to {total} steps at step {step}")
     model = network
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -515,7 +560,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         "start", steps=total, message=f"pretraining {total} steps ({per_epoch} a epoch, warm-up {warmup}) "
         f"on {len(config.datasets)} dataset(s), {volumes} volume(s), {world} process(es), {device.type}"
     )
-    cache = _VolumeCache(config, crop)
+    cache = _VolumeCache(config, crop, out / VOLUME_CACHE_NAME if config.volume_cache else None)
     model.train()
     last_loss = float("nan")
     while step < total:
