@@ -162,7 +162,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretraining.loop import PretrainConfig, export_model, pretrain
+    from .pretraining.loop import PretrainConfig, export_model, pretrain_until_signalled
     from .progress import make_progress
 
     config = PretrainConfig.from_yaml(args.config)
@@ -170,7 +170,7 @@ def cmd_pretrain(args) -> int:
         exported = export_model(config, args.export)
         print(f"exported step {exported['steps']} of {exported['total_steps']} to {exported['path']}")
         return 0
-    pretrain(config, make_progress(args.progress))
+    pretrain_until_signalled(config, make_progress(args.progress))
     return 0
 
 

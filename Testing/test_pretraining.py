@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,26 @@ def test_main_pretrain_reports_a_bad_config(tmp_path, capsys):
     path.write_text("datasets: []\n")
     assert main_pretrain(str(path), "none") == InputError.exit_code
     assert "'datasets'" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_continues(tmp_path):
+    """`fseft pretrain` stopped by SIGTERM between checkpoints loses no step."""
+    config = _config(tmp_path, steps=1000, checkpoint_every=100)
+    command = [sys.executable, "-m", "FSEFTSegmentLib.cli", "pretrain", "--config", str(config), "--progress", "json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        steps_seen = 0
+        for line in run.stdout:
+            steps_seen += '"progress"' in line
+            if steps_seen == 2:
+                run.send_signal(signal.SIGTERM)
+                break
+        _, stderr = run.communicate(timeout=300)
+    assert run.returncode == Cancelled.exit_code, stderr[-2000:]
+    assert "stopping after this step" in stderr and "resumes it" in stderr and "Traceback" not in stderr
+    state = torch.load(tmp_path / "out" / "checkpoint-last.pt", weights_only=True)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
+    assert 2 <= state["step"] < 100 and logged == list(range(1, state["step"] + 1))
 
 
 def test_two_process_ddp_run_writes_one_checkpoint(tmp_path):

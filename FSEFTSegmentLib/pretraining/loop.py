@@ -37,7 +37,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -653,12 +655,31 @@ def export_model(config: PretrainConfig, target: str | os.PathLike) -> dict:
     return {"path": str(target), "steps": int(state["step"]), "total_steps": int(state["total_steps"])}
 
 
-def main_pretrain(config_path: str, progress_kind: str = "bar") -> int:
-    """`fseft pretrain --config FILE.yaml`: run or resume pretraining; returns the exit code."""
-    progress = make_progress(progress_kind)
+def pretrain_until_signalled(config: PretrainConfig, progress: Progress) -> dict:
+    """`pretrain` for a terminal or a scheduler: Ctrl-C or SIGTERM (as torchrun and batch schedulers
+    send) finishes the current step and checkpoints it (`Cancelled`), so no step is lost; a second
+    signal stops at once."""
+    stop_requested = threading.Event()
+
+    def request_stop(signum, frame):
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        stop_requested.set()
+        print("stopping after this step and writing a checkpoint (again to stop at once)", file=sys.stderr, flush=True)
+
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {number: signal.signal(number, request_stop) for number in handled}
     try:
-        config = PretrainConfig.from_yaml(config_path)
-        pretrain(config, progress)
+        return pretrain(config, progress, should_stop=stop_requested.is_set)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def main_pretrain(config_path: str, progress_kind: str = "bar") -> int:
+    """The torchrun entry point: run or resume pretraining; returns the exit code."""
+    try:
+        pretrain_until_signalled(PretrainConfig.from_yaml(config_path), make_progress(progress_kind))
     except FSEFTError as error:
         print(str(error), file=sys.stderr, flush=True)
         return error.exit_code
