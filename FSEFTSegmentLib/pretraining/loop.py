@@ -331,6 +331,7 @@ class _VolumeCache:
         self.folder = folder
         self.preprocessing = CTPreprocessing(config.architecture)
         self.volumes: dict[tuple[int, int], _Volume] = {}
+        self.code = _preparing_code() if folder is not None else b""
 
     def get(self, dataset: int, index: int) -> _Volume:
         key = (dataset, index)
@@ -357,17 +358,13 @@ class _VolumeCache:
 
     def _fingerprint(self, spec: DatasetSpec, index: int) -> str:
         """Hash of the inputs and of the code that turns them into a prepared volume."""
-        from .. import preprocessing
-        from . import phantoms, synthesis
-
         digest = hashlib.sha256()
         label_path = spec.labels[index % len(spec.labels)]
         sources = [label_path] if spec.synthesize else [label_path, spec.images[index]]
         for source in sources:
             status = Path(source).stat()
             digest.update(f"{Path(source).resolve()}:{status.st_size}:{status.st_mtime_ns}".encode())
-        for module in (preprocessing, synthesis, phantoms):
-            digest.update(Path(module.__file__).read_bytes())
+        digest.update(self.code)
         settings = [self.config.seed, self.crop, self.config.architecture.to_dict(), sorted(spec.label_template.items()),
                     sorted(spec.split_left_right.items()), spec.synthesize, spec.mirror_left_right]
         digest.update(json.dumps(settings, default=str).encode())
@@ -403,6 +400,14 @@ class _VolumeCache:
         volume, _ = pad_to(preprocessed.as_tensor().float(), self.crop)
         label, _ = pad_to(label, self.crop)
         return volume.contiguous(), label.contiguous()
+
+
+def _preparing_code() -> bytes:
+    """The source of the modules that prepare a volume, read once: the code this process runs."""
+    from .. import preprocessing
+    from . import phantoms, synthesis
+
+    return b"".join(Path(module.__file__).read_bytes() for module in (preprocessing, synthesis, phantoms))
 
 
 class ClassBalancedSampler(CropSampler):
