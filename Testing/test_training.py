@@ -232,6 +232,12 @@ def test_cached_and_recomputed_paths_give_the_same_loss(network, support, suppor
     torch.testing.assert_close(weights[0], weights[1], atol=1e-4, rtol=1e-3)
 
 
+def test_a_crop_too_small_for_the_network_is_refused_before_training(network, support):
+    model = AdaptedModel(network, get_method("lora"), [ROW])
+    with pytest.raises(InputError, match="at least 64"):
+        adapt(model, [support], quick(crop_size=32))
+
+
 def test_same_seed_same_curve_and_crops_vary(network, support, support_features):
     def run(seed):
         torch.manual_seed(0)  # the adapter's random first convolution is the caller's to seed
