@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -128,27 +131,44 @@ def write_phantoms(plan: DemoPlan, folder: Path) -> tuple[list[tuple[Path, Path]
 
 
 def run_demo(out: Path, quick: bool = False, device: torch.device | None = None, progress: Progress | None = None) -> dict:
-    """Everything the demo does; returns the results that `results.json` holds."""
-    device = device or torch.device("cpu")
-    progress = progress or Progress()
-    started, cpu_started = time.monotonic(), time.process_time()
-    plan = QUICK if quick else FULL
+    """Everything the demo does; returns the results that `results.json` holds.
+
+    It all goes into a hidden staging folder beside `out`, renamed to `out` at the end: a failed or
+    cancelled demo leaves nothing behind, and a rerun with the same --out works.
+    """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError("exists and is not empty; choose a new --out", out)
     _require_matplotlib()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        results = _run_demo(staging, out, quick, device or torch.device("cpu"), progress or Progress())
+        if out.exists():
+            out.rmdir()  # empty, as checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return results
+
+
+def _run_demo(work: Path, out: Path, quick: bool, device: torch.device, progress: Progress) -> dict:
+    """The demo written into `work`; its results name `out`, where `work` will be moved."""
+    started, cpu_started = time.monotonic(), time.process_time()
+    plan = QUICK if quick else FULL
     model_name = default_model()
     progress.info(f"loading model {model_name}")
     network = load_foundation_model(model_name)
     targets = [parse_target(text) for text in TARGETS]
     rows = pretrained_rows(network, [t.structure for t in targets])
 
-    progress.info(f"drawing {max(plan.shots)} support and {plan.queries} query phantoms into {out / 'phantoms'}")
-    supports, queries = write_phantoms(plan, out / "phantoms")
+    progress.info(f"drawing {max(plan.shots)} support and {plan.queries} query phantoms")
+    supports, queries = write_phantoms(plan, work / "phantoms")
     runs, models, seconds = adapt_all(network, plan, targets, rows, supports, queries, device, progress)
 
     progress.info(f"segmenting {len(queries)} held-out phantom(s) with every adapted model")
     predict_started = time.monotonic()
-    zero_shot, slices = predict_all(network, model_name, targets, rows, runs, models, queries, out / "predictions", device, progress)
+    zero_shot, slices = predict_all(network, model_name, targets, rows, runs, models, queries, work / "predictions", device, progress)
     seconds["prediction"] = time.monotonic() - predict_started
     results = {
         "model": model_name,
@@ -160,10 +180,10 @@ def run_demo(out: Path, quick: bool = False, device: torch.device | None = None,
         "out": str(out),
     }
     progress.info("writing the report")
-    write_report(out / "report.png", results, runs, slices, [t.structure for t in targets], network.architecture.hu_window)
+    write_report(work / "report.png", results, runs, slices, [t.structure for t in targets], network.architecture.hu_window)
     seconds.update(total=time.monotonic() - started, cpu=time.process_time() - cpu_started)
     results["seconds"] = {key: round(value, 1) for key, value in seconds.items()}
-    with atomic_write(out / "results.json") as tmp:
+    with atomic_write(work / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 

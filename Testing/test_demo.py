@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -122,6 +123,24 @@ def test_demo_refuses_a_folder_with_other_files(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "choose a new --out" in result.stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_cancelled_demo_leaves_nothing_behind(tmp_path):
+    """SIGTERM once the phantoms are written: no output folder, no staging folder, a one-line message."""
+    env = {key: value for key, value in os.environ.items() if key != "FSEFT_REGISTRY"}
+    env.update(FSEFT_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "FSEFTSegmentLib", "demo", "--quick", "--out", str(out), "--progress", "none"]
+    with subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob(".out.*.partial/phantoms/query-1.labels.nii.gz")) and run.poll() is None:
+            assert time.monotonic() < deadline, "the demo never wrote its phantoms"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["fseft: cancelled; no partial output was written"]
+    assert list(tmp_path.iterdir()) == []  # the bundled model needs no cache either
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
