@@ -171,7 +171,7 @@ class PretrainConfig:
             if key in ("out", "init"):
                 if not isinstance(value, str):
                     fail(key, "must be a path")
-                value = str((base / Path(value).expanduser()) if not Path(value).expanduser().is_absolute() else Path(value).expanduser())
+                value = os.path.normpath(base / Path(value).expanduser())  # absolute paths stay as they are
             elif key in ("resume", "class_balanced", "volume_cache"):
                 if not isinstance(value, bool):
                     fail(key, "must be true or false")
