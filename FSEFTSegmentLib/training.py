@@ -54,7 +54,7 @@ from monai.optimizers import WarmupCosineSchedule
 from .errors import Cancelled, InputError
 from .inference import autocast_dtype, window_count
 from .methods.adapted import AdaptedModel
-from .model.network import FoundationSwinUNETR
+from .model.network import FoundationSwinUNETR, crop_size_problem
 from .progress import Progress
 
 #: share of the progress bar given to feature caching when it runs
@@ -673,8 +673,8 @@ def _validate(model, supports, queries, settings, crop, frozen, cached, outputs)
             raise InputError(f"support '{case.id}': label {tuple(case.label.shape[1:])} and image {tuple(case.volume.shape[-3:])} differ")
     if settings.max_epochs < 1 or settings.crops_per_step < 1:
         raise InputError("max_epochs and crops_per_step must be at least 1")
-    if not cached and (crop % 32 or crop < 64):  # at 32 the deepest stage is one voxel: instance norm fails
-        raise InputError(f"crop size {crop} must be a multiple of 32 and at least 64 for the network")
+    if not cached and (problem := crop_size_problem(crop)):
+        raise InputError(f"crop size {problem} for the network")
     if cached and not frozen:
         raise InputError("the feature cache needs a frozen backbone (a black-box method without --tune-decoder)")
     if settings.size_prior:

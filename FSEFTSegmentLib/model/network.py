@@ -103,6 +103,14 @@ class FoundationSwinUNETR(SwinUNETR):
         return self.classifier(self.features(x))
 
 
+def crop_size_problem(crop: int) -> str | None:
+    """Why the network cannot train on cubic crops of this size, or None. The encoder halves a crop
+    five times; at 32 its deepest stage is one voxel, where instance norm fails."""
+    if crop % 32 or crop < 64:
+        return f"{crop} must be a multiple of 32, at least 64"
+    return None
+
+
 def head_rows(classifier: nn.Conv3d, channels: list[int]) -> nn.Conv3d:
     """A new 1x1x1 head holding copies of `classifier`'s rows `channels` (zero-shot head)."""
     head = nn.Conv3d(classifier.in_channels, len(channels), kernel_size=1).to(classifier.weight.device)

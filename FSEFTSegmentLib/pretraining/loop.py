@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from ..errors import Cancelled, FSEFTError, InputError
 from ..io.images import read_image
-from ..model.network import Architecture, FoundationSwinUNETR
+from ..model.network import Architecture, FoundationSwinUNETR, crop_size_problem
 from ..preprocessing import CTPreprocessing
 from ..progress import Progress, make_progress
 from ..training import CropSampler, _cut, pad_to
@@ -88,6 +88,10 @@ class DatasetSpec:
     @property
     def volumes(self) -> int:
         return len(self.labels) * max(self.synthesize, 1)
+
+    def sources(self, index: int) -> tuple[str, str | None]:
+        """(label map, image) of volume `index`; variant n of map m is volume n * maps + m, no image."""
+        return self.labels[index % len(self.labels)], (None if self.synthesize else self.images[index])
 
 
 @dataclass
@@ -197,8 +201,8 @@ class PretrainConfig:
         if "out" not in settings:
             config.out = str(base / cls.out)
         crop = config.crop_size or architecture.patch_size
-        if crop % 32 or crop < 64:  # at 32 the bottleneck is 1 voxel, where instance norm cannot train
-            fail("crop_size" if config.crop_size else "architecture.patch_size", f"{crop} must be a multiple of 32, at least 64")
+        if problem := crop_size_problem(crop):
+            fail("crop_size" if config.crop_size else "architecture.patch_size", problem)
         return config
 
 
@@ -359,9 +363,7 @@ class _VolumeCache:
     def _fingerprint(self, spec: DatasetSpec, index: int) -> str:
         """Hash of the inputs and of the code that turns them into a prepared volume."""
         digest = hashlib.sha256()
-        label_path = spec.labels[index % len(spec.labels)]
-        sources = [label_path] if spec.synthesize else [label_path, spec.images[index]]
-        for source in sources:
+        for source in filter(None, spec.sources(index)):
             status = Path(source).stat()
             digest.update(f"{Path(source).resolve()}:{status.st_size}:{status.st_mtime_ns}".encode())
         digest.update(self.code)
@@ -371,7 +373,7 @@ class _VolumeCache:
         return digest.hexdigest()[:16]
 
     def _load(self, spec: DatasetSpec, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        label_path = spec.labels[index % len(spec.labels)]
+        label_path, image_path = spec.sources(index)
         label_image = read_image(label_path)
         source = np.rint(sitk.GetArrayViewFromImage(label_image)).astype(np.int64)
         remapped = np.zeros(source.shape, dtype=np.uint8)
@@ -386,9 +388,9 @@ class _VolumeCache:
             image, universal_map = synthesize_ct(universal_map, seed)
             remapped = sitk.GetArrayFromImage(universal_map)
         else:
-            image = read_image(spec.images[index])
+            image = read_image(image_path)
             if label_image.GetSize() != image.GetSize():
-                raise InputError(f"label grid {label_image.GetSize()} differs from its image's {image.GetSize()} ({spec.images[index]})", label_path)
+                raise InputError(f"label grid {label_image.GetSize()} differs from its image's {image.GetSize()} ({image_path})", label_path)
         remapped = remapped.astype(np.float32)
         preprocessed = self.preprocessing(image)
         label = self.preprocessing.masks_to_model_space(remapped[None], image, preprocessed)
