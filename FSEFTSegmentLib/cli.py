@@ -7,6 +7,7 @@ treated like Ctrl-C so a cancelled job (e.g. from the Slicer module) stops clean
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -162,14 +163,21 @@ def cmd_methods(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretraining.loop import PretrainConfig, export_model, pretrain_until_signalled
+    from .pretraining.loop import PretrainConfig, export_model, pretrain_until_signalled, validate_checkpoint
+    from .pretraining.validation import table
     from .progress import make_progress
 
     config = PretrainConfig.from_yaml(args.config)
     if args.export:
-        exported = export_model(config, args.export)
+        exported = export_model(config, args.export, args.checkpoint)
         print(f"exported step {exported['steps']} of {exported['total_steps']} to {exported['path']}")
         return 0
+    if args.validate:
+        result = validate_checkpoint(config, args.checkpoint)
+        print(json.dumps(result) if args.progress == "json" else f"step {result['step']}, {result['volumes']} validation volumes\n{table(result)}")
+        return 0
+    if args.checkpoint:
+        raise InputError("--checkpoint goes with --export or --validate (training resumes from the run's own checkpoint)", args.checkpoint)
     pretrain_until_signalled(config, make_progress(args.progress))
     return 0
 
@@ -247,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--config", required=True, help="YAML file: datasets, label templates, schedule, output folder")
     pretrain.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     pretrain.add_argument("--export", metavar="FILE.safetensors", help="instead of training: write the run's latest weights (with their architecture) to this file")
+    pretrain.add_argument("--validate", action="store_true", help="instead of training: print the per-class Dice of the run's latest weights on its validation volumes")
+    pretrain.add_argument("--checkpoint", metavar="FILE.pt", help="with --export or --validate: this checkpoint instead of the latest (e.g. checkpoint-best.pt)")
     pretrain.set_defaults(run=cmd_pretrain)
 
     demo = commands.add_parser("demo", help="offline demo: adapt the bundled model on phantoms with four methods, K = 1 and 5 (about 5 minutes on a CPU)")

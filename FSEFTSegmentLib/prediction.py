@@ -307,9 +307,10 @@ def predict_with_adapters(
     formats: Sequence[str] = ("seg.nrrd",),
     settings: InferenceSettings | None = None,
 ) -> BatchResult:
-    """Load a base model (`network_ref`, else the one the adapters record) and any adapter folders
-    (refused if trained on other weights), and segment `inputs` (files, DICOM folders, study
-    lists) into `out`: the adapters' structures, or those `structures` names (see `plan_outputs`)."""
+    """Load a base model (`network_ref`, else the one the adapters record, else the registry's
+    default, as the CLI does) and any adapter folders (refused if trained on other weights), and
+    segment `inputs` (files, DICOM folders, study lists) into `out`: the adapters' structures, or
+    those `structures` names (see `plan_outputs`)."""
     import torch
 
     from .adapters import load_adapters, recorded_base_model
@@ -317,15 +318,14 @@ def predict_with_adapters(
     from .io.studies import expand_inputs
     from .model import load_foundation_model
     from .model.registry import model_sha256
+    from .registry_file import default_model
 
     progress = progress or Progress()
     studies = expand_inputs(inputs)
     folders = [Path(folder) for folder in adapters]
     if network_ref is None:
         recorded = recorded_base_model(folders)
-        if recorded is None:
-            raise InputError("give a model or at least one adapter")
-        network_ref = recorded["name"]
+        network_ref = default_model() if recorded is None else recorded["name"]
     device = device if isinstance(device, torch.device) else choose_device(device)
     progress.info(f"loading model {network_ref}")
     network = load_foundation_model(network_ref)

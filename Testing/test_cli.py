@@ -199,3 +199,16 @@ def test_pretrain_with_a_bad_config(environment, tmp_path):
     result = fseft(["pretrain", "--config", str(config)], environment)
     assert_one_line_error(result, "pretrain.yaml")
     assert result.returncode == 2
+
+
+def test_pretrain_validate_and_export_name_a_missing_or_misplaced_checkpoint(environment, tmp_path):
+    config = Path(__file__).resolve().parents[1] / "Resources" / "pretraining" / "fseft-mini.yaml"
+    if not (SHARED_DATA / "label-maps").is_dir():
+        pytest.skip(f"the bundled model's label maps are not at {SHARED_DATA / 'label-maps'}")
+    missing = tmp_path / "no-such-checkpoint.pt"
+    for action in (["--validate"], ["--export", str(tmp_path / "model.safetensors")]):
+        result = fseft(["pretrain", "--config", str(config), *action, "--checkpoint", str(missing)], environment)
+        assert_one_line_error(result, "no such checkpoint", str(missing))
+    assert not (tmp_path / "model.safetensors").exists()
+    result = fseft(["pretrain", "--config", str(config), "--checkpoint", str(missing)], environment)
+    assert_one_line_error(result, "--checkpoint goes with --export or --validate")

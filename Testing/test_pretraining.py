@@ -21,13 +21,17 @@ from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
 from FSEFTSegmentLib.model.network import Architecture
 from FSEFTSegmentLib.pretraining.loop import (
     VOLUME_CACHE_NAME,
+    DatasetSpec,
     PretrainConfig,
     _VolumeCache,
+    export_model,
     lr_factor,
     main_pretrain,
     pretrain,
+    validate_checkpoint,
 )
 from FSEFTSegmentLib.pretraining.loss import partial_label_dice_loss
+from FSEFTSegmentLib.pretraining.validation import summary, table, validate, validation_indices
 from FSEFTSegmentLib.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,8 +272,11 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_continues(tmp_path):
 
 
 def test_two_process_ddp_run_writes_one_checkpoint(tmp_path):
-    config = _config(tmp_path, steps=2,
-                     checkpoint_every=100, out="ddp")
+    """Rank 0 alone writes the checkpoints and validates (the other rank waits at a barrier)."""
+    config = _config(tmp_path, steps=2, checkpoint_every=100, out="ddp", validate_every=2)
+    values = yaml.safe_load(config.read_text())
+    values["datasets"][0]["validation"] = 1
+    config.write_text(yaml.safe_dump(values))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FSEFT_PROGRESS": "none", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -278,10 +285,95 @@ def test_two_process_ddp_run_writes_one_checkpoint(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "ddp"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-last.pt", "loss.jsonl", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-best.pt", "checkpoint-last.pt", "loss.jsonl", "model.pt", "validation.jsonl"]
     state = torch.load(out / "checkpoint-last.pt", weights_only=True)
     assert state["step"] == 2
     assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (out / "validation.jsonl").read_text().splitlines()] == [2]
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _with_validation(tmp_path: Path, **overrides) -> Path:
+    """`_config` with dataset A's second pair held out for validation."""
+    path = _config(tmp_path, **overrides)
+    values = yaml.safe_load(path.read_text())
+    values["datasets"][0]["validation"] = 1
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_validation_volumes_are_held_out_pairs_or_new_syntheses(tmp_path):
+    config = PretrainConfig.from_yaml(_with_validation(tmp_path))
+    held_out = config.datasets[0]
+    assert held_out.volumes == 1 and validation_indices(held_out) == [1]
+    assert config.datasets[1].volumes == 1 and validation_indices(config.datasets[1]) == []
+
+    synthetic = DatasetSpec("s", [], [f"map{n}.nii.gz" for n in range(30)], {1: 1}, (1,), synthesize=4, validation=4)
+    indices = validation_indices(synthetic)
+    assert indices == [120, 127, 135, 142] and min(indices) >= synthetic.volumes == 120  # variant 4: never drawn
+    assert [synthetic.sources(i)[0] for i in indices] == ["map0.nii.gz", "map7.nii.gz", "map15.nii.gz", "map22.nii.gz"]
+
+    good = yaml.safe_load((tmp_path / "pretrain.yaml").read_text())
+    all_held_out = {**good, "datasets": [{**good["datasets"][0], "validation": 2}, good["datasets"][1]]}
+    assert "'datasets[0].validation'" in _bad_config(tmp_path, all_held_out)
+    no_volumes = {**good, "datasets": [{**good["datasets"][0], "validation": 0}, good["datasets"][1]], "validate_every": 2}
+    assert "'validate_every'" in _bad_config(tmp_path, no_volumes)
+
+
+class _IntensityOracle(torch.nn.Module):
+    """Segments the phantom's spheres by intensity (window -175..250 HU): bright (190 HU) -> channel 0,
+    dark (-40 HU) -> channel 1; channels 2-3 never fire."""
+
+    def forward(self, x):
+        bright = (x - 0.7) * 100
+        dark = (0.07 - (x - (135 / 425)).abs()) * 100
+        return torch.cat([bright, dark, torch.full_like(x, -100.0), torch.full_like(x, -100.0)], 1)
+
+
+class _Swapped(torch.nn.Module):
+    """The oracle with its first two channels swapped: every class segmented as the other."""
+
+    def __init__(self, oracle):
+        super().__init__()
+        self.oracle = oracle
+
+    def forward(self, x):
+        return self.oracle(x)[:, [1, 0, 2, 3]]
+
+
+def test_validation_scores_each_annotated_class_on_the_held_out_volume(tmp_path):
+    config = PretrainConfig.from_yaml(_with_validation(tmp_path))
+    cache = _VolumeCache(config, config.crop)
+    result = validate(_IntensityOracle(), config, cache, torch.device("cpu"))
+    assert result["volumes"] == 1 and list(result["dice"]) == ["spleen", "kidney_right"]  # universal ids 1, 2
+    assert min(result["dice"].values()) > 0.9 and result["mean"] == pytest.approx(np.mean(list(result["dice"].values())), abs=1e-4)
+    oracle = _IntensityOracle().train()
+    swapped = validate(_Swapped(oracle), config, cache, torch.device("cpu"))
+    assert max(swapped["dice"].values()) < 0.1 and oracle.training  # channels matter; the mode is restored
+    assert "lowest: " in summary(result) and table(result).splitlines()[-1].startswith("mean")
+
+
+def test_a_run_validates_logs_per_class_dice_and_keeps_the_best_weights(tmp_path):
+    from safetensors import safe_open
+
+    config = PretrainConfig.from_yaml(_with_validation(tmp_path, validate_every=2, steps=4))
+    pretrain(config, Progress())
+    records = [json.loads(line) for line in (tmp_path / "out" / "validation.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+    assert all(set(record["dice"]) == {"spleen", "kidney_right"} and 0 <= record["mean"] <= 1 for record in records)
+    best = torch.load(tmp_path / "out" / "checkpoint-best.pt", weights_only=True)
+    chosen = max(records, key=lambda record: record["mean"])
+    assert best["step"] == chosen["step"] and "optimizer" not in best
+
+    again = validate_checkpoint(config, tmp_path / "out" / "checkpoint-best.pt")
+    assert again["step"] == chosen["step"] and again["dice"] == chosen["dice"]
+    export_model(config, tmp_path / "best.safetensors", tmp_path / "out" / "checkpoint-best.pt")
+    with safe_open(str(tmp_path / "best.safetensors"), "pt") as exported:
+        assert json.loads(exported.metadata()["fseft.validation_dice"]) == chosen["dice"]
+    with pytest.raises(InputError, match="not a pretraining checkpoint"):
+        export_model(config, tmp_path / "x.safetensors", tmp_path / "out" / "model.pt")
 
 
 def test_single_label_is_split_into_left_and_right(tmp_path):

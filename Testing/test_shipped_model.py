@@ -50,8 +50,8 @@ def test_bundled_model_segments_a_phantom_above_its_floors(shipped, tmp_path):
     image, labels = make_phantom(7, size=(96, 96, 80), spacing=(3.0, 3.0, 3.0))
     sitk.WriteImage(image, str(tmp_path / "phantom.nii.gz"))
     names = list(PHANTOM_DICE_FLOORS)
-    result = predict_with_adapters("fseft-mini", inputs=[tmp_path / "phantom.nii.gz"], out=tmp_path / "out", device="cpu",
-                                   structures=names)
+    # no model named: the default, the shipped one
+    result = predict_with_adapters(None, inputs=[tmp_path / "phantom.nii.gz"], out=tmp_path / "out", device="cpu", structures=names)
     assert not result.failures
     segmentation = result.outputs["phantom"][0]
     reference = sitk.GetArrayFromImage(labels)

@@ -59,8 +59,11 @@ from ..progress import Progress, make_progress
 from ..training import CropSampler, _cut, pad_to
 from .loss import partial_label_dice_loss
 from .synthesis import mirror_left_right, synthesize_ct
+from .validation import summary, validate
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
+BEST_NAME = "checkpoint-best.pt"  # the weights with the best mean validation Dice so far
+VALIDATION_LOG_NAME = "validation.jsonl"
 MODEL_NAME = "model.pt"
 LOG_NAME = "loss.jsonl"
 VOLUME_CACHE_NAME = "volume-cache"
@@ -84,10 +87,13 @@ class DatasetSpec:
     synthesize: int = 0
     mirror_left_right: bool = False  # the maps' headers are left-right mirrored (BTCV)
     weight: float = 1.0  # relative sampling weight (1 for every dataset: balanced, as the paper)
+    #: validation volumes (`validation.validation_indices`): held-out pairs, or new syntheses
+    validation: int = 0
 
     @property
     def volumes(self) -> int:
-        return len(self.labels) * max(self.synthesize, 1)
+        """The volumes training draws from (held-out validation pairs excluded)."""
+        return len(self.labels) * self.synthesize if self.synthesize else len(self.labels) - self.validation
 
     def sources(self, index: int) -> tuple[str, str | None]:
         """(label map, image) of volume `index`; variant n of map m is volume n * maps + m, no image."""
@@ -112,6 +118,7 @@ class PretrainConfig:
     seed: int = 0
     out: str = "pretraining"
     checkpoint_every: int = 100
+    validate_every: int = 0  # steps between validations (0: never); needs a dataset with `validation`
     intensity_shift: float = 0.1
     intensity_shift_prob: float = 0.2
     rot90_prob: float = 0.1
@@ -123,6 +130,10 @@ class PretrainConfig:
     resume: bool = True  # continue from out/checkpoint-last.pt when it exists
     volume_cache: bool = False  # keep prepared volumes in out/volume-cache/ (a resumed run skips synthesis)
     source: str | None = None  # the YAML file, for messages
+
+    @property
+    def crop(self) -> int:
+        return self.crop_size or self.architecture.patch_size
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PretrainConfig:
@@ -194,14 +205,17 @@ class PretrainConfig:
             else:  # integers
                 if isinstance(value, bool) or not isinstance(value, int):
                     fail(key, f"must be an integer, got {value!r}")
-                if key != "seed" and value < 1:
+                if key not in ("seed", "validate_every") and value < 1:
                     fail(key, "must be at least 1")
+                if value < 0:
+                    fail(key, "must not be negative")
             settings[key] = value
         config = cls(datasets=specs, architecture=architecture, source=source, **settings)
+        if config.validate_every and not any(spec.validation for spec in specs):
+            fail("validate_every", "no dataset has validation volumes (a dataset's 'validation: N')")
         if "out" not in settings:
             config.out = str(base / cls.out)
-        crop = config.crop_size or architecture.patch_size
-        if problem := crop_size_problem(crop):
+        if problem := crop_size_problem(config.crop):
             fail("crop_size" if config.crop_size else "architecture.patch_size", problem)
         return config
 
@@ -210,7 +224,7 @@ def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, 
     if not isinstance(entry, dict):
         fail(key, "must be a mapping with name, images, labels, label_template, annotated")
     unknown = sorted(set(entry) - {"name", "images", "labels", "label_template", "annotated", "split_left_right",
-                                   "synthesize", "mirror_left_right", "weight"})
+                                   "synthesize", "mirror_left_right", "weight", "validation"})
     if unknown:
         fail(f"{key}.{unknown[0]}", "unknown key")
     synthesize = entry.get("synthesize", 0)
@@ -232,6 +246,13 @@ def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, 
     images = [] if synthesize else _paths(entry["images"], f"{key}.images", base, fail)
     if not synthesize and len(images) != len(labels):
         fail(f"{key}.labels", f"{len(labels)} label file(s) for {len(images)} image(s); they pair in sorted order")
+    validation = entry.get("validation", 0)
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
+        fail(f"{key}.validation", "must be the number of validation volumes (0: none)")
+    if synthesize and validation > len(labels):
+        fail(f"{key}.validation", f"at most one synthetic validation volume per label map ({len(labels)})")
+    if not synthesize and validation >= len(labels):
+        fail(f"{key}.validation", f"holds out {validation} of {len(labels)} volume(s): none would be left to train on")
     channels = architecture.out_channels
     template_key = f"{key}.label_template"
     template = _integer_mapping(entry["label_template"], template_key, "must map source label values to universal ids", fail)
@@ -264,7 +285,7 @@ def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, 
         missing = sorted(produced - set(annotated))
         if missing:
             fail(f"{key}.annotated", f"universal id {missing[0]} is produced by label_template or split_left_right but not annotated")
-    return DatasetSpec(name, images, labels, template, annotated, split, synthesize, mirror, float(weight))
+    return DatasetSpec(name, images, labels, template, annotated, split, synthesize, mirror, float(weight), validation)
 
 
 def _integer_mapping(values: Any, key: str, not_a_mapping: str, fail) -> dict[int, int]:
@@ -505,7 +526,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    crop = config.crop_size or config.architecture.patch_size
+    crop = config.crop
     volumes = sum(spec.volumes for spec in config.datasets)
     per_epoch = config.steps_per_epoch or max(1, volumes // (config.volumes_per_step * world))
     total = config.steps or config.epochs * per_epoch
@@ -544,24 +565,23 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    log_path = out / LOG_NAME
+    log_path, validation_path = out / LOG_NAME, out / VALIDATION_LOG_NAME
     if rank == 0:
         _trim_log(log_path, step)
+        _trim_log(validation_path, step)
+    best = max((record["mean"] for record in _read_log(validation_path)), default=-1.0)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(**extra) -> None:
+        """The resumable state; with `extra`, the weights alone (and the extra values) to BEST_NAME."""
         if rank != 0:
             return
+        weights = {"model": network.state_dict(), "step": step, "total_steps": total, "architecture": config.architecture.to_dict()}
+        if extra:
+            _atomic_save({**weights, **extra}, out / BEST_NAME)
+            return
         _atomic_save(
-            {
-                "model": network.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "total_steps": total,
-                "seed": config.seed,
-                "torch_rng": torch.get_rng_state(),
-                "architecture": config.architecture.to_dict(),
-            },
+            {**weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "seed": config.seed,
+             "torch_rng": torch.get_rng_state()},
             checkpoint_path,
         )
 
@@ -604,6 +624,17 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         progress.step(step / total, f"step {step}/{total}: loss {last_loss:.4f}, lr {lr_now:.2e}")
         if step % config.checkpoint_every == 0 and step < total:
             save_checkpoint()
+        if config.validate_every and (step % config.validate_every == 0 or step == total):
+            if rank == 0:
+                result = validate(network, config, cache, device)
+                with open(validation_path, "a", encoding="utf-8") as log:
+                    log.write(json.dumps({"step": step, **result}) + "\n")
+                progress.info(f"step {step}: {summary(result)}")
+                if result["mean"] > best:
+                    best = result["mean"]
+                    save_checkpoint(validation=result)
+            if distributed:
+                dist.barrier()
     save_checkpoint()
     if rank == 0:
         _atomic_save(network.state_dict(), out / MODEL_NAME)
@@ -613,35 +644,69 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
     return {"steps": step, "last_loss": last_loss, "out": str(out), "checkpoint": str(checkpoint_path), "model": str(out / MODEL_NAME)}
 
 
+def _read_log(path: Path) -> list[dict]:
+    """The records of a JSON-lines log (a torn last line, from a killed run, is skipped)."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
 def _trim_log(path: Path, step: int) -> None:
     """Drop log lines past the resumed step (written after the last checkpoint by a stopped run)."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
+    kept = [json.dumps(record) for record in _read_log(path) if record["step"] <= step]
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(temporary, path)
 
 
-def export_model(config: PretrainConfig, target: str | os.PathLike) -> dict:
-    """Write the run's latest weights as a shippable safetensors file: tensors plus metadata
-    (the architecture with the universal class names, the step reached, the config). Atomic."""
+def load_run_checkpoint(config: PretrainConfig, checkpoint: str | os.PathLike | None = None) -> dict:
+    """A checkpoint of the run (default: its latest), pickle-free; clear errors for a missing or foreign file."""
+    path = Path(checkpoint) if checkpoint else Path(config.out) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise InputError("no such checkpoint" if checkpoint else "no checkpoint yet; run the pretraining first", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(f"not a readable checkpoint ({type(error).__name__})", path) from None
+    if not isinstance(state, dict) or not {"model", "step", "total_steps", "architecture"} <= set(state):
+        raise InputError("not a pretraining checkpoint (it needs model, step, total_steps, architecture)", path)
+    return state
+
+
+def validate_checkpoint(config: PretrainConfig, checkpoint: str | os.PathLike | None = None) -> dict:
+    """The per-class validation Dice of a checkpoint (default: the run's latest), with its step."""
+    if not any(spec.validation for spec in config.datasets):
+        raise InputError("no dataset has validation volumes (a dataset's 'validation: N')", config.source)
+    state = load_run_checkpoint(config, checkpoint)
+    if Architecture.from_dict(state["architecture"]) != config.architecture:
+        raise InputError("the checkpoint's architecture differs from the config's", checkpoint or config.source)
+    network = FoundationSwinUNETR(config.architecture)
+    network.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = _VolumeCache(config, config.crop, Path(config.out) / VOLUME_CACHE_NAME if config.volume_cache else None)
+    return {"step": int(state["step"]), **validate(network.to(device), config, cache, device)}
+
+
+def export_model(config: PretrainConfig, target: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> dict:
+    """Write a checkpoint's weights (default: the run's latest) as a shippable safetensors file:
+    tensors plus metadata (the architecture with the universal class names, the step reached, the
+    config, the validation Dice when the checkpoint has one). Atomic."""
     from safetensors.torch import save_file
 
     from ..io.files import atomic_write
     from ..labels import UNIVERSAL_STRUCTURES
     from ..model.checkpoint import ARCHITECTURE_METADATA
 
-    checkpoint_path = Path(config.out) / CHECKPOINT_NAME
-    if not checkpoint_path.is_file():
-        raise InputError("no checkpoint to export yet; run the pretraining first", checkpoint_path)
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = load_run_checkpoint(config, checkpoint)
     architecture = Architecture.from_dict(state["architecture"])
     names = tuple(structure.name for structure in UNIVERSAL_STRUCTURES[: architecture.out_channels])
     architecture = Architecture.from_dict({**architecture.to_dict(), "class_names": names})
@@ -657,6 +722,8 @@ def export_model(config: PretrainConfig, target: str | os.PathLike) -> dict:
         "fseft.config": Path(config.source).name if config.source else "",
         "fseft.training_data": "synthetic images only" if all(spec.synthesize for spec in config.datasets) else "see config",
     }
+    if "validation" in state:
+        metadata["fseft.validation_dice"] = json.dumps(state["validation"]["dice"])
     with atomic_write(target) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
     return {"path": str(target), "steps": int(state["step"]), "total_steps": int(state["total_steps"])}
