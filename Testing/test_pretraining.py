@@ -225,6 +225,15 @@ def test_a_run_resized_on_resume_continues_its_cosine_toward_the_new_end(tmp_pat
     assert lrs[:3] == pytest.approx([1e-4 * lr_factor(step, 2, 6) for step in range(3)])
 
 
+def test_a_bf16_run_trains_in_mixed_precision_and_keeps_float32_weights(tmp_path):
+    result = pretrain(PretrainConfig.from_yaml(_config(tmp_path, precision="bf16", steps=2)), Progress())
+    assert result["steps"] == 2 and np.isfinite(result["last_loss"])
+    weights = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+    good = yaml.safe_load((tmp_path / "pretrain.yaml").read_text())
+    assert "'precision'" in _bad_config(tmp_path, {**good, "precision": "fp16"})
+
+
 def test_the_volume_cache_stores_prepared_volumes_keyed_by_their_inputs(tmp_path):
     config = PretrainConfig.from_yaml(_config(tmp_path, volume_cache=True, steps=3))
     pretrain(config, Progress())

@@ -129,6 +129,9 @@ class PretrainConfig:
     init: str | None = None  # optional starting weights (e.g. MONAI's self-supervised Swin-UNETR)
     resume: bool = True  # continue from out/checkpoint-last.pt when it exists
     volume_cache: bool = False  # keep prepared volumes in out/volume-cache/ (a resumed run skips synthesis)
+    #: "bf16": the forward pass under bfloat16 autocast (weights, gradients and the loss stay float32).
+    #: 1.4x faster steps on a CPU with AMX/AVX512-BF16 (measured on 2 cores), faster on recent GPUs
+    precision: str = "fp32"
     source: str | None = None  # the YAML file, for messages
 
     @property
@@ -183,7 +186,10 @@ class PretrainConfig:
             if key not in values or values[key] is None:
                 continue
             value = values[key]
-            if key in ("out", "init"):
+            if key == "precision":
+                if value not in ("fp32", "bf16"):
+                    fail(key, f"must be fp32 or bf16, got {value!r}")
+            elif key in ("out", "init"):
                 if not isinstance(value, str):
                     fail(key, "must be a path")
                 value = os.path.normpath(base / Path(value).expanduser())  # absolute paths stay as they are
@@ -605,8 +611,9 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         images, targets, annotated, names = _draw_batch(config, cache, crop, step, rank)
         lr_now = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
-        logits = model(images.to(device))
-        loss = partial_label_dice_loss(logits, targets.to(device), annotated.to(device), bce_weight=config.bce_weight)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            logits = model(images.to(device))
+        loss = partial_label_dice_loss(logits.float(), targets.to(device), annotated.to(device), bce_weight=config.bce_weight)
         loss.backward()
         optimizer.step()
         scheduler.step()
