@@ -174,7 +174,7 @@ def cmd_pretrain(args) -> int:
         return 0
     if args.validate:
         result = validate_checkpoint(config, args.checkpoint)
-        print(json.dumps(result) if args.progress == "json" else f"step {result['step']}, {result['volumes']} validation volumes\n{table(result)}")
+        print(json.dumps(result) if args.progress == "json" else f"step {result['step'] if result['step'] is not None else '?'}, {result['volumes']} validation volumes\n{table(result)}")
         return 0
     if args.checkpoint:
         raise InputError("--checkpoint goes with --export or --validate (training resumes from the run's own checkpoint)", args.checkpoint)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     pretrain.add_argument("--export", metavar="FILE.safetensors", help="instead of training: write the run's latest weights (with their architecture) to this file")
     pretrain.add_argument("--validate", action="store_true", help="instead of training: print the per-class Dice of the run's latest weights on its validation volumes")
-    pretrain.add_argument("--checkpoint", metavar="FILE.pt", help="with --export or --validate: this checkpoint instead of the latest (e.g. checkpoint-best.pt)")
+    pretrain.add_argument("--checkpoint", metavar="FILE.pt", help="with --export or --validate: this checkpoint instead of the latest (e.g. checkpoint-best.pt); --validate also takes exported .safetensors weights")
     pretrain.set_defaults(run=cmd_pretrain)
 
     demo = commands.add_parser("demo", help="offline demo: adapt the bundled model on phantoms with four methods, K = 1 and 5 (about 5 minutes on a CPU)")

@@ -381,6 +381,8 @@ def test_a_run_validates_logs_per_class_dice_and_keeps_the_best_weights(tmp_path
     export_model(config, tmp_path / "best.safetensors", tmp_path / "out" / "checkpoint-best.pt")
     with safe_open(str(tmp_path / "best.safetensors"), "pt") as exported:
         assert json.loads(exported.metadata()["fseft.validation_dice"]) == chosen["dice"]
+    exported = validate_checkpoint(config, tmp_path / "best.safetensors")  # exported weights score the same
+    assert exported["step"] == chosen["step"] and exported["dice"] == chosen["dice"]
     with pytest.raises(InputError, match="not a pretraining checkpoint"):
         export_model(config, tmp_path / "x.safetensors", tmp_path / "out" / "model.pt")
 

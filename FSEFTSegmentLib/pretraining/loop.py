@@ -690,17 +690,34 @@ def load_run_checkpoint(config: PretrainConfig, checkpoint: str | os.PathLike | 
 
 
 def validate_checkpoint(config: PretrainConfig, checkpoint: str | os.PathLike | None = None) -> dict:
-    """The per-class validation Dice of a checkpoint (default: the run's latest), with its step."""
+    """The per-class validation Dice of a checkpoint (default: the run's latest) or of exported
+    weights (`.safetensors`, e.g. a shipped model, to compare it with a new run), with its step."""
+    from ..model.checkpoint import build_from_checkpoint
+
     if not any(spec.validation for spec in config.datasets):
         raise InputError("no dataset has validation volumes (a dataset's 'validation: N')", config.source)
-    state = load_run_checkpoint(config, checkpoint)
-    if Architecture.from_dict(state["architecture"]) != config.architecture:
-        raise InputError("the checkpoint's architecture differs from the config's", checkpoint or config.source)
-    network = FoundationSwinUNETR(config.architecture)
-    network.load_state_dict(state["model"])
+    if checkpoint and Path(checkpoint).suffix == ".safetensors":
+        network = build_from_checkpoint(checkpoint, config.architecture)
+        step = _exported_step(checkpoint)
+    else:
+        state = load_run_checkpoint(config, checkpoint)
+        network = FoundationSwinUNETR(Architecture.from_dict(state["architecture"]))
+        network.load_state_dict(state["model"])
+        step = int(state["step"])
+    if network.architecture != config.architecture:
+        raise InputError("the weights' architecture differs from the config's", checkpoint or config.source)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = _VolumeCache(config, config.crop, Path(config.out) / VOLUME_CACHE_NAME if config.volume_cache else None)
-    return {"step": int(state["step"]), **validate(network.to(device), config, cache, device)}
+    return {"step": step, **validate(network.to(device), config, cache, device)}
+
+
+def _exported_step(path: str | os.PathLike) -> int | None:
+    """The step `export_model` recorded in a safetensors file ("3201 of 3400"), if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        steps = (handle.metadata() or {}).get("fseft.steps", "")
+    return int(steps.split()[0]) if steps[:1].isdigit() else None
 
 
 def export_model(config: PretrainConfig, target: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> dict:
