@@ -199,7 +199,7 @@ def _body_context(organ_labels: np.ndarray, spacing: np.ndarray, origin: np.ndar
     cavity = cavity & ~organs
     lungs = _lungs(canvas, organ_labels, cavity, rng)
     phantoms._bowel(canvas, rng, hu, cavity & ~lungs)
-    _pelvis(canvas, rng, hu, cavity)
+    _pelvis(canvas, rng, hu, cavity, labelled_bladder=bool((organ_labels == 15).any()))
     if rng.random() < 0.4:
         _arms(canvas, rng, hu, body_shape)
     phantoms._skeleton(canvas, rng, hu, body_shape)
@@ -225,8 +225,11 @@ def _lungs(canvas, organ_labels: np.ndarray, cavity: np.ndarray, rng: np.random.
     return lung
 
 
-def _pelvis(canvas, rng: np.random.Generator, hu: dict[str, float], cavity: np.ndarray) -> None:
-    """Iliac wings and an unlabelled fluid-filled bladder low in the frame (reference z < -110)."""
+def _pelvis(canvas, rng: np.random.Generator, hu: dict[str, float], cavity: np.ndarray, labelled_bladder: bool = False) -> None:
+    """Iliac wings and, for a map without a bladder of its own, an unlabelled fluid-filled bladder
+    low in the frame (reference z < -110). A map that labels the bladder (AMOS) gets none: around
+    its real bladder the fake one taught that a bladder is background. The draws are the same
+    either way, so maps without a bladder synthesise as before."""
     z, y, x = canvas.coords((slice(None),) * 3)
     crest = -95.0 + rng.uniform(-25, 15)  # iliac crest height in the phantom frame
     band = (z < crest) & (z > crest - 70.0)
@@ -237,7 +240,9 @@ def _pelvis(canvas, rng: np.random.Generator, hu: dict[str, float], cavity: np.n
     if rng.random() < 0.6:
         radius = rng.uniform(25.0, 45.0)
         bladder = ((x / radius) ** 2 + ((y + 40.0) / (radius * 0.8)) ** 2 + ((z + 150.0) / radius) ** 2) <= 1.0
-        canvas.hu[bladder & cavity] = rng.uniform(0.0, 20.0)
+        urine = rng.uniform(0.0, 20.0)
+        if not labelled_bladder:
+            canvas.hu[bladder & cavity] = urine
 
 
 def _arms(canvas, rng: np.random.Generator, hu: dict[str, float], body_shape) -> None:
