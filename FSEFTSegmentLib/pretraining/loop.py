@@ -23,6 +23,9 @@ written atomically every `checkpoint_every` steps, when stopped and at the end) 
 optimizer and scheduler states, the step, the torch RNG state and the architecture, all loadable
 with `torch.load(weights_only=True)`. The final weights alone go to `model.pt` (a plain state dict,
 loadable by `model.checkpoint.build_from_checkpoint`). Each step appends one JSON line to `loss.jsonl`.
+With `validate_every` (and a dataset's `validation: N`) the run scores its validation volumes every
+so many steps (`validation.py`): per-class Dice to `validation.jsonl`, the best weights so far to
+`checkpoint-best.pt`. `precision: bf16` runs the forward pass under bfloat16 autocast.
 
 Launched under torchrun (RANK / WORLD_SIZE set, more than one process) the model is wrapped in
 DistributedDataParallel (gloo on the CPU, nccl on CUDA); only rank 0 writes files:
