@@ -321,7 +321,7 @@ class FSEFTSegmentTest(ScriptedLoadableModuleTest):
 
     #: Liver Dice the bundled model must reach on phantom seed 7: 0.88 measured with the shipped
     #: weights (Testing/test_shipped_model.py), minus 0.05
-    PHANTOM_LIVER_DICE_FLOOR = 0.82
+    PHANTOM_LIVER_DICE_FLOOR = 0.83
 
     def setUp(self):
         slicer.mrmlScene.Clear()

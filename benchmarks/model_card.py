@@ -74,6 +74,8 @@ def weights_info(model: str) -> dict:
             metadata = handle.metadata() or {}
         info["steps"] = metadata.get("fseft.steps")
         info["training_data"] = metadata.get("fseft.training_data")
+        if "fseft.validation_dice" in metadata:  # weights exported from a run's checkpoint-best.pt
+            info["synthetic_validation_dice"] = json.loads(metadata["fseft.validation_dice"])
     return info
 
 
@@ -286,6 +288,18 @@ def markdown(result: dict) -> str:
             f"{zero['inference_seconds_per_study']:.1f} s per study (whole CT, all structures, read to write)."
         ),
     ]
+    validation = weights.get("synthetic_validation_dice")
+    if validation:
+        learnt = sorted(validation.items(), key=lambda item: -item[1])
+        lines += [
+            "",
+            (
+                "**Synthetic validation** (recorded in the weights by the pretraining run, which chose them by its mean: "
+                "new syntheses of training label maps, images the training never drew; unseen images of seen anatomy, "
+                "raw Dice): " + ", ".join(f"{name} {value:.2f}" for name, value in learnt)
+                + f"; mean {sum(validation.values()) / len(validation):.3f}."
+            ),
+        ]
     aorta = result.get("cross_patient_aorta")
     if aorta:
         lines += [
