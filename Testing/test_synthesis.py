@@ -210,5 +210,6 @@ def test_synthetic_dataset_config_errors_name_the_key(tmp_path, label_map):
 
 def test_export_without_a_run_is_a_clear_error(tmp_path, label_map):
     config = PretrainConfig.from_yaml(_synthetic_config(tmp_path, label_map, out="never-ran"))
-    with pytest.raises(InputError, match="no checkpoint to export"):
+    with pytest.raises(InputError, match="no checkpoint yet; run the pretraining first"):
         export_model(config, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
