@@ -34,6 +34,7 @@ import torch
 
 from .adaptation import parse_support, parse_target, prepare_support, pretrained_rows
 from .errors import InputError
+from .evaluation import dice
 from .inference import Head, InferenceSettings, SegmentationPredictor
 from .io.files import atomic_write
 from .io.images import read_image
@@ -254,13 +255,6 @@ def split_outputs(masks: np.ndarray, zero_shot: int, per_run: int) -> list[np.nd
     """The predictor's channels, in head order: the zero-shot ones, then each run's."""
     adapted = masks[zero_shot:]
     return [masks[:zero_shot]] + [adapted[n : n + per_run] for n in range(0, len(adapted), per_run)]
-
-
-def dice(predicted: np.ndarray, reference: np.ndarray) -> float:
-    """Dice as `evaluation.score_masks` defines it (both empty: 1), without its surface distances,
-    which cost a second per mask."""
-    total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(reference))
-    return 2.0 * int(np.count_nonzero(predicted & reference)) / total if total else 1.0
 
 
 def _require_matplotlib() -> None:

@@ -218,6 +218,13 @@ def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.nd
     return pred[tuple(slices)], ref[tuple(slices)]
 
 
+def dice(predicted: np.ndarray, reference: np.ndarray) -> float:
+    """Dice as `score_masks` defines it (both empty: 1), without its surface distances, which cost
+    a second per mask: for the demo's and the pretraining validation's many masks."""
+    total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(reference))
+    return 2.0 * int(np.count_nonzero(predicted & reference)) / total if total else 1.0
+
+
 def score_masks(name: str, pred: sitk.Image, ref: sitk.Image, tolerance_mm: float = 2.0) -> StructureScore:
     """Metrics of two binary masks on the same grid (the reference's spacing is used)."""
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice

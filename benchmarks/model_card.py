@@ -62,16 +62,14 @@ def _round(value, digits=4):
 
 def weights_info(model: str) -> dict:
     """Name, file, sha256 and (exported pretraining weights) the training step recorded in the file."""
+    from FSEFTSegmentLib.model.checkpoint import stored_metadata
     from FSEFTSegmentLib.model.registry import model_sha256, resolve_model
 
     path, architecture, name = resolve_model(model)
     info = {"model": model, "name": name, "file": str(path), "sha256": model_sha256(model), "steps": None,
             "architecture": {k: v for k, v in architecture.to_dict().items() if k != "class_names"}}
     if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = stored_metadata(path)
         info["steps"] = metadata.get("fseft.steps")
         info["training_data"] = metadata.get("fseft.training_data")
         if "fseft.validation_dice" in metadata:  # weights exported from a run's checkpoint-best.pt

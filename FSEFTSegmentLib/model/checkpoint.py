@@ -53,19 +53,27 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {_canonical_key(key): value for key, value in raw.items()}
 
 
-def stored_architecture(path: str | os.PathLike) -> Architecture | None:
-    """The Architecture a safetensors file states in its metadata (spacing, patch, HU window,
-    class names travel with the weights), or None for files that carry none."""
+def stored_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's metadata (what `pretraining.loop.export_model` writes), {} for other files."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        return None
+        return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get(ARCHITECTURE_METADATA)
-        return Architecture.from_dict(json.loads(text)) if text else None
+            return dict(handle.metadata() or {})
     except (OSError, ValueError, TypeError) as error:
+        raise ModelError(f"unreadable metadata ({type(error).__name__})", path) from None
+
+
+def stored_architecture(path: str | os.PathLike) -> Architecture | None:
+    """The Architecture a safetensors file states in its metadata (spacing, patch, HU window,
+    class names travel with the weights), or None for files that carry none."""
+    text = stored_metadata(path).get(ARCHITECTURE_METADATA)
+    try:
+        return Architecture.from_dict(json.loads(text)) if text else None
+    except (ValueError, TypeError) as error:
         raise ModelError(f"unreadable architecture metadata ({type(error).__name__})", path) from None
 
 

@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from ..errors import Cancelled, FSEFTError, InputError
 from ..io.images import read_image
+from ..model.checkpoint import ARCHITECTURE_METADATA, build_from_checkpoint, stored_metadata
 from ..model.network import Architecture, FoundationSwinUNETR, crop_size_problem
 from ..preprocessing import CTPreprocessing
 from ..progress import Progress, make_progress
@@ -67,6 +68,7 @@ from .validation import summary, validate
 CHECKPOINT_NAME = "checkpoint-last.pt"
 BEST_NAME = "checkpoint-best.pt"  # the weights with the best mean validation Dice so far
 VALIDATION_LOG_NAME = "validation.jsonl"
+NO_VALIDATION_VOLUMES = "no dataset has validation volumes (a dataset's 'validation: N')"
 MODEL_NAME = "model.pt"
 LOG_NAME = "loss.jsonl"
 VOLUME_CACHE_NAME = "volume-cache"
@@ -221,7 +223,7 @@ class PretrainConfig:
             settings[key] = value
         config = cls(datasets=specs, architecture=architecture, source=source, **settings)
         if config.validate_every and not any(spec.validation for spec in specs):
-            fail("validate_every", "no dataset has validation volumes (a dataset's 'validation: N')")
+            fail("validate_every", NO_VALIDATION_VOLUMES)
         if "out" not in settings:
             config.out = str(base / cls.out)
         if problem := crop_size_problem(config.crop):
@@ -580,16 +582,15 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         _trim_log(validation_path, step)
     best = max((record["mean"] for record in _read_log(validation_path)), default=-1.0)
 
-    def save_checkpoint(**extra) -> None:
-        """The resumable state; with `extra`, the weights alone (and the extra values) to BEST_NAME."""
+    def weights() -> dict:
+        """What `load_run_checkpoint` needs: enough to export or validate, not to resume."""
+        return {"model": network.state_dict(), "step": step, "total_steps": total, "architecture": config.architecture.to_dict()}
+
+    def save_checkpoint() -> None:
         if rank != 0:
             return
-        weights = {"model": network.state_dict(), "step": step, "total_steps": total, "architecture": config.architecture.to_dict()}
-        if extra:
-            _atomic_save({**weights, **extra}, out / BEST_NAME)
-            return
         _atomic_save(
-            {**weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "seed": config.seed,
+            {**weights(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "seed": config.seed,
              "torch_rng": torch.get_rng_state()},
             checkpoint_path,
         )
@@ -642,7 +643,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
                 progress.info(f"step {step}: {summary(result)}")
                 if result["mean"] > best:
                     best = result["mean"]
-                    save_checkpoint(validation=result)
+                    _atomic_save({**weights(), "validation": result}, out / BEST_NAME)
             if distributed:
                 dist.barrier()
     save_checkpoint()
@@ -695,10 +696,8 @@ def load_run_checkpoint(config: PretrainConfig, checkpoint: str | os.PathLike | 
 def validate_checkpoint(config: PretrainConfig, checkpoint: str | os.PathLike | None = None) -> dict:
     """The per-class validation Dice of a checkpoint (default: the run's latest) or of exported
     weights (`.safetensors`, e.g. a shipped model, to compare it with a new run), with its step."""
-    from ..model.checkpoint import build_from_checkpoint
-
     if not any(spec.validation for spec in config.datasets):
-        raise InputError("no dataset has validation volumes (a dataset's 'validation: N')", config.source)
+        raise InputError(NO_VALIDATION_VOLUMES, config.source)
     if checkpoint and Path(checkpoint).suffix == ".safetensors":
         network = build_from_checkpoint(checkpoint, config.architecture)
         step = _exported_step(checkpoint)
@@ -716,10 +715,7 @@ def validate_checkpoint(config: PretrainConfig, checkpoint: str | os.PathLike | 
 
 def _exported_step(path: str | os.PathLike) -> int | None:
     """The step `export_model` recorded in a safetensors file ("3201 of 3400"), if any."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        steps = (handle.metadata() or {}).get("fseft.steps", "")
+    steps = stored_metadata(path).get("fseft.steps", "")
     return int(steps.split()[0]) if steps[:1].isdigit() else None
 
 
@@ -731,7 +727,6 @@ def export_model(config: PretrainConfig, target: str | os.PathLike, checkpoint: 
 
     from ..io.files import atomic_write
     from ..labels import UNIVERSAL_STRUCTURES
-    from ..model.checkpoint import ARCHITECTURE_METADATA
 
     state = load_run_checkpoint(config, checkpoint)
     architecture = Architecture.from_dict(state["architecture"])

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from monai.inferers import sliding_window_inference
 
+from ..evaluation import dice
 from ..labels import UNIVERSAL_STRUCTURES
 
 if TYPE_CHECKING:
@@ -60,21 +61,18 @@ def validate(network: torch.nn.Module, config: PretrainConfig, cache: _VolumeCac
                         volume.image[None], roi_size=(crop,) * 3, sw_batch_size=2, predictor=network,
                         overlap=0.25, mode="gaussian", sw_device=device, device=torch.device("cpu"),
                     )[0]
-                    label = volume.label[0]
+                    label = volume.label[0].numpy()
                     for universal in spec.annotated:
                         reference = label == universal
-                        if not reference.any():
-                            continue
-                        predicted = logits[universal - 1] > 0  # sigmoid > 0.5
-                        overlap = (predicted & reference).sum().item()
-                        dice = 2 * overlap / (predicted.sum().item() + reference.sum().item())
-                        totals.setdefault(universal, []).append(dice)
+                        if reference.any():
+                            predicted = logits[universal - 1].numpy() > 0  # sigmoid > 0.5
+                            totals.setdefault(universal, []).append(dice(predicted, reference))
                     volumes += 1
     finally:
         network.train(was_training)
-    dice = {class_name(universal): round(sum(values) / len(values), 4) for universal, values in sorted(totals.items())}
-    mean = round(sum(dice.values()) / len(dice), 4) if dice else float("nan")
-    return {"dice": dice, "mean": mean, "volumes": volumes, "seconds": round(time.monotonic() - started, 1)}
+    per_class = {class_name(universal): round(sum(values) / len(values), 4) for universal, values in sorted(totals.items())}
+    mean = round(sum(per_class.values()) / len(per_class), 4) if per_class else float("nan")
+    return {"dice": per_class, "mean": mean, "volumes": volumes, "seconds": round(time.monotonic() - started, 1)}
 
 
 def summary(result: dict, lowest: int = 3) -> str:
