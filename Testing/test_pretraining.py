@@ -92,6 +92,32 @@ def test_loss_all_annotated_is_mean_of_one_minus_dice():
     assert float(loss) == pytest.approx(float(expected), abs=1e-6)
 
 
+def test_loss_without_absent_class_dice_leaves_absence_to_the_cross_entropy():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    target = (torch.rand(2, 3, 4, 4, 4) > 0.6).float()
+    target[0, 1] = 0  # class 1 absent from the first patch
+    annotated = torch.tensor([[True, True, False], [True, True, True]])
+    dice_only = partial_label_dice_loss(logits, target, annotated, absent_class_dice=False)
+    dice_only.backward()
+    # the absent class gets no Dice gradient, the unannotated one none at all
+    assert torch.all(logits.grad[0, 1] == 0) and torch.all(logits.grad[0, 2] == 0)
+    p = torch.sigmoid(logits.detach())
+    first = 1 - _dice(p[0, 0], target[0, 0])
+    second = sum(1 - _dice(p[1, c], target[1, c]) for c in range(3)) / 3
+    assert float(dice_only.detach()) == pytest.approx(float((first + second) / 2), abs=1e-6)
+    # with the cross-entropy, the absent class is pushed towards 0 on every voxel, the unannotated
+    # class still gets nothing
+    logits.grad = None
+    partial_label_dice_loss(logits, target, annotated, bce_weight=1.0, absent_class_dice=False).backward()
+    assert torch.all(logits.grad[0, 1] > 0) and torch.all(logits.grad[0, 2] == 0)
+    # a batch where no annotated class is present: the cross-entropy alone
+    empty = torch.zeros_like(target)
+    alone = partial_label_dice_loss(logits, empty, annotated, bce_weight=1.0, absent_class_dice=False)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.detach(), empty, reduction="none").mean((2, 3, 4))
+    assert float(alone.detach()) == pytest.approx(float(bce[annotated].mean()), abs=1e-6)
+
+
 def test_lr_schedule_warms_up_from_a_tenth_then_cosine():
     factors = [lr_factor(s, 2, 6) for s in range(6)]
     assert factors[0] == pytest.approx(0.1) and factors[1] == pytest.approx(0.55)
@@ -169,6 +195,8 @@ def test_config_loads_and_bad_keys_are_named(tmp_path):
     assert "'lr'" in _bad_config(tmp_path, {**good, "lr": "fast"})
     assert "'epoch'" in _bad_config(tmp_path, {**good, "epoch": 3})
     assert "'architecture.feature'" in _bad_config(tmp_path, {**good, "architecture": {"feature": 3}})
+    assert "'absent_class_dice'" in _bad_config(tmp_path, {**good, "absent_class_dice": "no"})
+    assert "needs bce_weight" in _bad_config(tmp_path, {**good, "absent_class_dice": False})
 
 
 def _lrs(out: Path) -> list[float]:

@@ -131,6 +131,9 @@ class PretrainConfig:
     #: RandCropByLabelClasses), so small organs are seen as often as the liver
     class_balanced: bool = False
     bce_weight: float = 0.0  # adds this times the masked binary cross-entropy to the Dice loss
+    #: false: a class's Dice counts only where the crop holds it (absence is left to the
+    #: cross-entropy), so rare small classes are not driven to zero before they are found (loss.py)
+    absent_class_dice: bool = True
     init: str | None = None  # optional starting weights (e.g. MONAI's self-supervised Swin-UNETR)
     resume: bool = True  # continue from out/checkpoint-last.pt when it exists
     volume_cache: bool = False  # keep prepared volumes in out/volume-cache/ (a resumed run skips synthesis)
@@ -198,7 +201,7 @@ class PretrainConfig:
                 if not isinstance(value, str):
                     fail(key, "must be a path")
                 value = os.path.normpath(base / Path(value).expanduser())  # absolute paths stay as they are
-            elif key in ("resume", "class_balanced", "volume_cache"):
+            elif key in ("resume", "class_balanced", "volume_cache", "absent_class_dice"):
                 if not isinstance(value, bool):
                     fail(key, "must be true or false")
             elif key in ("lr", "weight_decay", "warmup_epochs", "warmup_start_factor", "positive_fraction",
@@ -224,6 +227,8 @@ class PretrainConfig:
         config = cls(datasets=specs, architecture=architecture, source=source, **settings)
         if config.validate_every and not any(spec.validation for spec in specs):
             fail("validate_every", NO_VALIDATION_VOLUMES)
+        if not config.absent_class_dice and not config.bce_weight:
+            fail("absent_class_dice", "false needs bce_weight > 0: nothing else would penalise a class where it is absent")
         if "out" not in settings:
             config.out = str(base / cls.out)
         if problem := crop_size_problem(config.crop):
@@ -617,7 +622,8 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             logits = model(images.to(device))
-        loss = partial_label_dice_loss(logits.float(), targets.to(device), annotated.to(device), bce_weight=config.bce_weight)
+        loss = partial_label_dice_loss(logits.float(), targets.to(device), annotated.to(device),
+                                       bce_weight=config.bce_weight, absent_class_dice=config.absent_class_dice)
         loss.backward()
         optimizer.step()
         scheduler.step()
