@@ -24,6 +24,7 @@ from FSEFTSegmentLib.pretraining.loop import (
     DatasetSpec,
     PretrainConfig,
     _VolumeCache,
+    _file_digest,
     export_model,
     lr_factor,
     main_pretrain,
@@ -276,7 +277,13 @@ def test_the_volume_cache_stores_prepared_volumes_keyed_by_their_inputs(tmp_path
     assert len(list((tmp_path / "out" / VOLUME_CACHE_NAME).glob("*.pt"))) == 3
 
     label = tmp_path / "b" / "lab0.nii.gz"
-    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # an edited label map
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))  # copied: same bytes
+    _VolumeCache(config, crop, tmp_path / "out" / VOLUME_CACHE_NAME).get(1, 0)
+    assert len(list((tmp_path / "out" / VOLUME_CACHE_NAME).glob("B-0-*.pt"))) == 1
+    edited = sitk.ReadImage(str(label))
+    edited[0, 0, 0] = 2  # an edited label map
+    sitk.WriteImage(edited, str(label))
+    _file_digest.cache_clear()  # a new process
     _VolumeCache(config, crop, tmp_path / "out" / VOLUME_CACHE_NAME).get(1, 0)
     assert len(list((tmp_path / "out" / VOLUME_CACHE_NAME).glob("B-0-*.pt"))) == 2
 

@@ -35,6 +35,7 @@ DistributedDataParallel (gloo on the CPU, nccl on CUDA); only rank 0 writes file
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -54,6 +55,7 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
+from ..adaptation import file_sha256
 from ..errors import Cancelled, FSEFTError, InputError
 from ..io.images import read_image
 from ..model.checkpoint import ARCHITECTURE_METADATA, build_from_checkpoint, stored_metadata
@@ -401,8 +403,7 @@ class _VolumeCache:
         """Hash of the inputs and of the code that turns them into a prepared volume."""
         digest = hashlib.sha256()
         for source in filter(None, spec.sources(index)):
-            status = Path(source).stat()
-            digest.update(f"{Path(source).resolve()}:{status.st_size}:{status.st_mtime_ns}".encode())
+            digest.update(_file_digest(Path(source).resolve()).encode())
         digest.update(self.code)
         settings = [self.config.seed, self.crop, self.config.architecture.to_dict(), sorted(spec.label_template.items()),
                     sorted(spec.split_left_right.items()), spec.synthesize, spec.mirror_left_right]
@@ -439,6 +440,13 @@ class _VolumeCache:
         volume, _ = pad_to(preprocessed.as_tensor().float(), self.crop)
         label, _ = pad_to(label, self.crop)
         return volume.contiguous(), label.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: Path) -> str:
+    """sha256 of a source file's (or DICOM folder's) bytes: the same data keeps its cached volumes
+    when it is copied, which changes its path and modification time (a new session's data folder)."""
+    return file_sha256(path)
 
 
 def _preparing_code() -> bytes:
