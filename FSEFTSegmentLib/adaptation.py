@@ -8,7 +8,6 @@ folder atomically. Nothing is written unless training finishes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import time
@@ -24,6 +23,7 @@ import torch
 
 from . import __version__
 from .errors import InputError
+from .io.files import sha256_file
 from .io.images import read_image, same_grid
 from .io.segmentations import read_structure_mask
 from .io.studies import default_id
@@ -78,17 +78,6 @@ def parse_support(image: str, labels: str) -> SupportSpec:
     return SupportSpec(Path(image).expanduser(), Path(path).expanduser(), selector)
 
 
-def file_sha256(path: Path) -> str:
-    """Content hash of a file, or of a DICOM folder's files in name order (support provenance)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _target_mask(spec: SupportSpec, target: Target, single: bool) -> sitk.Image:
     """The target's mask in the support's label file, by the most specific selector given."""
     selector = target.selector or (spec.selector if single else None)
@@ -135,9 +124,9 @@ def prepare_support(spec: SupportSpec, targets: Sequence[Target], preprocessing:
     record = {
         "id": default_id(spec.image),
         "image": str(spec.image),
-        "image_sha256": file_sha256(spec.image),
+        "image_sha256": sha256_file(spec.image),
         "labels": str(spec.labels) + (f":{spec.selector}" if spec.selector else ""),
-        "labels_sha256": file_sha256(spec.labels),
+        "labels_sha256": sha256_file(spec.labels),
     }
     return PreparedSupport(TrainingCase(record["id"], volume, label), record, [float(m.sum()) * voxel_ml for m in stacked])
 
@@ -192,7 +181,7 @@ def run_adaptation(
     query_cases = []
     for path in queries:
         image = read_image(path)
-        twin = support_hashes.get(file_sha256(Path(path)))
+        twin = support_hashes.get(sha256_file(Path(path)))
         if twin:
             progress.warning(f"{path}: this query is also a support ({twin}); its prediction is not a fair test")
         query_cases.append(TrainingCase(default_id(path), preprocessing(image), None))

@@ -1,4 +1,4 @@
-"""Atomic file writing.
+"""Atomic file writing, and content hashes of files.
 
 A batch run that is interrupted (Ctrl-C, out of memory, a full disk) must never leave a
 half-written segmentation that looks finished: a later "skip existing outputs" or the Slicer
@@ -10,6 +10,7 @@ once the write has succeeded.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -47,3 +48,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, or of a folder's files (a DICOM series) in name order; read in chunks
+    so that a 250 MB checkpoint never sits in memory twice."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        with open(file, "rb") as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

@@ -30,12 +30,12 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from hashlib import sha256
 from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from pathlib import Path
 
 from ..errors import DownloadError, FSEFTError, InputError, ModelError
+from ..io.files import sha256_file  # noqa: F401 (re-exported)
 from ..progress import Progress
 from ..registry_file import REGISTRY_FILE, RESOURCES, read_document, registry_path  # noqa: F401 (re-exported)
 from .checkpoint import build_from_checkpoint, stored_architecture
@@ -114,15 +114,6 @@ def cache_dir() -> Path:
 
 def model_dir(name: str) -> Path:
     return cache_dir() / "models" / name
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks so a 250 MB checkpoint never sits in memory twice."""
-    digest = sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_record(name: str) -> dict:

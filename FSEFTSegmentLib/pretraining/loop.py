@@ -55,8 +55,8 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
-from ..adaptation import file_sha256
 from ..errors import Cancelled, FSEFTError, InputError
+from ..io.files import sha256_file
 from ..io.images import read_image
 from ..model.checkpoint import ARCHITECTURE_METADATA, build_from_checkpoint, stored_metadata
 from ..model.network import Architecture, FoundationSwinUNETR, crop_size_problem
@@ -446,7 +446,7 @@ class _VolumeCache:
 def _file_digest(path: Path) -> str:
     """sha256 of a source file's (or DICOM folder's) bytes: the same data keeps its cached volumes
     when it is copied, which changes its path and modification time (a new session's data folder)."""
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def _preparing_code() -> bytes:
