@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from FSEFTSegmentLib.errors import Cancelled, InputError
 from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
 from FSEFTSegmentLib.model.network import Architecture
 from FSEFTSegmentLib.pretraining.loop import (
+    CHECKPOINT_NAME,
     VOLUME_CACHE_NAME,
     DatasetSpec,
     PretrainConfig,
@@ -124,6 +126,9 @@ def test_lr_schedule_warms_up_from_a_tenth_then_cosine():
     assert factors[0] == pytest.approx(0.1) and factors[1] == pytest.approx(0.55)
     assert factors[2] == pytest.approx(1.0)
     assert factors[3:] == sorted(factors[3:], reverse=True) and factors[-1] > 0
+    held = [lr_factor(s, 2, 10, decay_from=6) for s in range(10)]  # a hold ended by step 6's validation
+    assert held[:6] == pytest.approx([0.1, 0.55, 1, 1, 1, 1]) and held[6] == pytest.approx(1.0)
+    assert held[7:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3)])
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -420,6 +425,35 @@ def test_a_run_validates_logs_per_class_dice_and_keeps_the_best_weights(tmp_path
     assert exported["step"] == chosen["step"] and exported["dice"] == chosen["dice"]
     with pytest.raises(InputError, match="not a pretraining checkpoint"):
         export_model(config, tmp_path / "x.safetensors", tmp_path / "out" / "model.pt")
+
+
+def test_lr_holds_until_every_class_reaches_the_dice_then_decays(tmp_path):
+    def lrs(out):
+        return [json.loads(line)["lr"] for line in (out / "loss.jsonl").read_text().splitlines()]
+
+    # Dice 1e-6: every class reaches it at the first validation (step 2, the end of the warm-up),
+    # so the cosine runs from there, as without a hold
+    reached = PretrainConfig.from_yaml(_with_validation(tmp_path, validate_every=2, steps=6, hold_lr_until_dice=1e-6, out="reached"))
+    pretrain(reached, Progress())
+    assert torch.load(tmp_path / "reached" / CHECKPOINT_NAME, weights_only=True)["decay_start"] == 2
+    assert lrs(tmp_path / "reached") == pytest.approx([1e-4 * lr_factor(step, 2, 6) for step in range(6)])
+
+    # Dice 1 is never reached: the lr stays at its peak after the warm-up
+    held = PretrainConfig.from_yaml(_with_validation(tmp_path, validate_every=2, steps=6, hold_lr_until_dice=1.0, out="held"))
+    pretrain(held, Progress())
+    assert torch.load(tmp_path / "held" / CHECKPOINT_NAME, weights_only=True)["decay_start"] is None
+    assert lrs(tmp_path / "held")[2:] == pytest.approx([1e-4] * 4)
+
+    # resumed longer with a reachable Dice: still at its peak until the next validation (step 8),
+    # then the cosine from step 8 to the new end
+    longer = PretrainConfig.from_yaml(_with_validation(tmp_path, validate_every=2, steps=10, hold_lr_until_dice=1e-6, out="held"))
+    pretrain(longer, Progress())
+    assert torch.load(tmp_path / "held" / CHECKPOINT_NAME, weights_only=True)["decay_start"] == 8
+    assert lrs(tmp_path / "held")[6:] == pytest.approx([1e-4, 1e-4, 1e-4 * lr_factor(8, 2, 10, decay_from=8), 1e-4 * lr_factor(9, 2, 10, decay_from=8)])
+
+    good = yaml.safe_load((tmp_path / "pretrain.yaml").read_text())
+    assert "needs validate_every" in _bad_config(tmp_path, {**good, "validate_every": 0, "hold_lr_until_dice": 0.1})
+    assert "'hold_lr_until_dice'" in _bad_config(tmp_path, {**good, "hold_lr_until_dice": 2})
 
 
 def test_single_label_is_split_into_left_and_right(tmp_path):

@@ -8,7 +8,9 @@ volumes uniformly (sampling balanced over datasets), and cuts `crops_per_volume`
 RandCropByPosNegLabel; rot90 and intensity-shift augmentation); the loss is the partial-label soft
 Dice (`loss.partial_label_dice_loss`); AdamW (weight decay 1e-5); the learning rate warms up
 linearly from lr * `warmup_start_factor` over `warmup_epochs` epochs, then follows a cosine to 0,
-both stepped per step. An epoch is `steps_per_epoch` steps (default: enough steps for every process
+both stepped per step. With `hold_lr_until_dice: D` (and validation, below) the learning rate stays
+at its peak until a validation where every class reaches Dice D, and only then decays: a cosine that
+anneals while small organs are still at zero freezes them there. An epoch is `steps_per_epoch` steps (default: enough steps for every process
 together to draw as many volumes as there are).
 
 Volumes are preprocessed once (CTPreprocessing; the remapped label map follows with
@@ -136,6 +138,9 @@ class PretrainConfig:
     #: false: a class's Dice counts only where the crop holds it (absence is left to the
     #: cross-entropy), so rare small classes are not driven to zero before they are found (loss.py)
     absent_class_dice: bool = True
+    #: > 0: no lr decay until every validated class reaches this Dice (then the cosine runs from that
+    #: step to the end); needs `validate_every`
+    hold_lr_until_dice: float = 0.0
     init: str | None = None  # optional starting weights (e.g. MONAI's self-supervised Swin-UNETR)
     resume: bool = True  # continue from out/checkpoint-last.pt when it exists
     volume_cache: bool = False  # keep prepared volumes in out/volume-cache/ (a resumed run skips synthesis)
@@ -207,7 +212,7 @@ class PretrainConfig:
                 if not isinstance(value, bool):
                     fail(key, "must be true or false")
             elif key in ("lr", "weight_decay", "warmup_epochs", "warmup_start_factor", "positive_fraction",
-                         "intensity_shift", "intensity_shift_prob", "rot90_prob", "bce_weight"):
+                         "intensity_shift", "intensity_shift_prob", "rot90_prob", "bce_weight", "hold_lr_until_dice"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     try:
                         value = float(value)  # YAML reads 1e-4 (no dot) as a string
@@ -216,7 +221,8 @@ class PretrainConfig:
                 value = float(value)
                 if value < 0:
                     fail(key, "must not be negative")
-                if key in ("positive_fraction", "intensity_shift_prob", "rot90_prob", "warmup_start_factor") and value > 1:
+                if key in ("positive_fraction", "intensity_shift_prob", "rot90_prob", "warmup_start_factor",
+                           "hold_lr_until_dice") and value > 1:
                     fail(key, "must be between 0 and 1")
             else:  # integers
                 if isinstance(value, bool) or not isinstance(value, int):
@@ -229,6 +235,8 @@ class PretrainConfig:
         config = cls(datasets=specs, architecture=architecture, source=source, **settings)
         if config.validate_every and not any(spec.validation for spec in specs):
             fail("validate_every", NO_VALIDATION_VOLUMES)
+        if config.hold_lr_until_dice and not config.validate_every:
+            fail("hold_lr_until_dice", "needs validate_every: the hold ends on a validation")
         if not config.absent_class_dice and not config.bce_weight:
             fail("absent_class_dice", "false needs bce_weight > 0: nothing else would penalise a class where it is absent")
         if "out" not in settings:
@@ -339,12 +347,16 @@ def _paths(value: Any, key: str, base: Path, fail) -> list[str]:
 # ------------------------------------------------------------------------------------------ schedule
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, start_factor: float = 0.1) -> float:
-    """Multiplier of the base lr at `step` (0-based): linear warm-up from `start_factor`, then cosine to 0."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, start_factor: float = 0.1, decay_from: int | None = None) -> float:
+    """Multiplier of the base lr at `step` (0-based): linear warm-up from `start_factor`, 1 until
+    `decay_from` (default: the end of the warm-up), then a cosine to 0 at `total_steps`."""
     if step < warmup_steps:
         return start_factor + (1.0 - start_factor) * step / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+    start = warmup_steps if decay_from is None else max(decay_from, warmup_steps)
+    if step < start:
+        return 1.0
+    span = max(total_steps - start, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - start, span) / span))
 
 
 def _step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
@@ -565,9 +577,13 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         _load_init(network, config.init, progress)
     network.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total, config.warmup_start_factor)
-    )
+    decay_start: int | None = None  # with hold_lr_until_dice: the step whose validation ended the hold
+
+    def factor(at: int) -> float:
+        decay_from = (total if decay_start is None else decay_start) if config.hold_lr_until_dice else None
+        return lr_factor(at, warmup, total, config.warmup_start_factor, decay_from)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     step = 0
     checkpoint_path = out / CHECKPOINT_NAME
     if config.resume and checkpoint_path.is_file():
@@ -577,12 +593,14 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
+        decay_start = state.get("decay_start")
         progress.info(f"resuming from step {step} of {total} ({checkpoint_path})")
+        # The lr follows this config's schedule from here: a run resized on resume continues its
+        # cosine from this step toward the new end (a warm restart when extended), and a hold
+        # switched on or off takes effect, without starting over.
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * factor(step)
         if state.get("total_steps") != total:
-            # A longer or shorter run: the cosine continues from this step toward the new end
-            # (a warm restart when extended), so a run can be resized without starting over.
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base_lr * lr_factor(step, warmup, total, config.warmup_start_factor)
             progress.info(f"the schedule changes from {state.get('total_steps')} to {total} steps at step {step}")
     model = network
     if distributed:
@@ -604,7 +622,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
             return
         _atomic_save(
             {**weights(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "seed": config.seed,
-             "torch_rng": torch.get_rng_state()},
+             "torch_rng": torch.get_rng_state(), "decay_start": decay_start},
             checkpoint_path,
         )
 
@@ -658,15 +676,28 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
                 if result["mean"] > best:
                     best = result["mean"]
                     _atomic_save({**weights(), "validation": result}, out / BEST_NAME)
-            if distributed:
-                dist.barrier()
+                if config.hold_lr_until_dice and decay_start is None and step < total and _all_reach(result, config.hold_lr_until_dice):
+                    decay_start = step  # the cosine starts at its peak: no jump in the lr
+                    progress.info(f"step {step}: every class reached Dice {config.hold_lr_until_dice}: "
+                                  f"the learning rate now decays (cosine to step {total})")
+            if distributed:  # every process follows rank 0's decision (and waits for its validation)
+                shared = torch.tensor([-1 if decay_start is None else decay_start], device=device)
+                dist.broadcast(shared, 0)
+                decay_start = None if int(shared) < 0 else int(shared)
     save_checkpoint()
     if rank == 0:
         _atomic_save(network.state_dict(), out / MODEL_NAME)
     if distributed:
         dist.barrier()
     progress.info(f"pretraining done: {total} steps, last loss {last_loss:.4f}, {time.monotonic() - started:.0f} s; weights in {out / MODEL_NAME}")
+    if config.hold_lr_until_dice and decay_start is None:
+        progress.info(f"the learning rate never decayed: some class stayed below Dice {config.hold_lr_until_dice} "
+                      f"(validation.jsonl); lengthen `epochs` to continue")
     return {"steps": step, "last_loss": last_loss, "out": str(out), "checkpoint": str(checkpoint_path), "model": str(out / MODEL_NAME)}
+
+
+def _all_reach(result: dict, dice: float) -> bool:
+    return bool(result["dice"]) and min(result["dice"].values()) >= dice
 
 
 def _read_log(path: Path) -> list[dict]:
