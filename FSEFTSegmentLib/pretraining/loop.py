@@ -10,8 +10,8 @@ Dice (`loss.partial_label_dice_loss`); AdamW (weight decay 1e-5); the learning r
 linearly from lr * `warmup_start_factor` over `warmup_epochs` epochs, then follows a cosine to 0,
 both stepped per step. With `hold_lr_until_dice: D` (and validation, below) the learning rate stays
 at its peak until a validation where every class reaches Dice D, and only then decays: a cosine that
-anneals while small organs are still at zero freezes them there. An epoch is `steps_per_epoch` steps (default: enough steps for every process
-together to draw as many volumes as there are).
+anneals while small organs are still at zero freezes them there. An epoch is `steps_per_epoch` steps
+(default: enough steps for every process together to draw as many volumes as there are).
 
 Volumes are preprocessed once (CTPreprocessing; the remapped label map follows with
 `masks_to_model_space`) when first drawn, and kept in RAM as a float32 image and a uint8 map of

@@ -10,9 +10,9 @@ cross-entropy, as nnU-Net): Dice alone gives a small organ little signal until i
 
 With `absent_class_dice=False` a class's Dice counts only in the samples whose patch holds it; its
 absence elsewhere is left to the cross-entropy. Why: with smooth 1, a class absent from the patch
-scores 1 / (sum p + 1), whose pull towards p = 0 on every voxel is about sum y / 2 times stronger than
-the pull a true positive voxel of a present, small class gets (500 voxels of gallbladder: 250 times).
-A rare, small class is then driven to zero everywhere before it is ever found. nnU-Net's Dice (smooth
+scores 1 / (sum p + 1), whose pull towards p = 0 on every voxel, 1 / (sum p + 1)^2, outweighs the pull
+2 / (sum y + 1) on a true positive voxel of a present small class while the class is predicted almost
+nowhere (small sum p): a small class that starts near zero is held there. nnU-Net's Dice (smooth
 1e-5) ignores absent classes the same way.
 """
 
