@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     except FSEFTError as error:
         if args.debug:
             raise
-        print(f"fseft: error: {error}", file=sys.stderr)
+        kind = "" if isinstance(error, Cancelled) else "error: "  # a stop the user asked for is no error
+        print(f"fseft: {kind}{error}", file=sys.stderr)
         return error.exit_code
 
 

@@ -314,7 +314,8 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_continues(tmp_path):
                 break
         _, stderr = run.communicate(timeout=300)
     assert run.returncode == Cancelled.exit_code, stderr[-2000:]
-    assert "stopping after this step" in stderr and "resumes it" in stderr and "Traceback" not in stderr
+    assert "stopping after this step" in stderr and "Traceback" not in stderr
+    assert "fseft: pretraining stopped at step" in stderr and "resumes it" in stderr and "error" not in stderr
     state = torch.load(tmp_path / "out" / "checkpoint-last.pt", weights_only=True)
     logged = [json.loads(line)["step"] for line in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
     assert 2 <= state["step"] < 100 and logged == list(range(1, state["step"] + 1))
