@@ -53,6 +53,15 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off.
+
+    Elsewhere (an AVX2-only CPU) PyTorch emulates it: a pretraining step measured about 30x slower
+    than in float32 on 2 cores of an AMD EPYC."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """Mixed precision on CUDA by default (bf16 where supported); full precision on the CPU unless asked."""
     if precision == "auto":

@@ -52,7 +52,7 @@ from monai.losses import DiceLoss
 from monai.optimizers import WarmupCosineSchedule
 
 from .errors import Cancelled, InputError
-from .inference import autocast_dtype, window_count
+from .inference import autocast_dtype, native_bf16_cpu, window_count
 from .methods.adapted import AdaptedModel
 from .model.network import FoundationSwinUNETR, crop_size_problem
 from .progress import Progress
@@ -144,12 +144,6 @@ def learning_rate_for(model: AdaptedModel, settings: TrainingSettings) -> float:
         return float(settings.learning_rate)
     method = model.method
     return float(method.learning_rate_with_decoder if model.tune_decoder else method.learning_rate)
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
 
 
 def step_autocast_dtype(device: torch.device, precision: str, cached: bool) -> torch.dtype | None:

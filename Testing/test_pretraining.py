@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from conftest import SHARED_DATA
 
 from FSEFTSegmentLib.errors import Cancelled, InputError
 from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
+from FSEFTSegmentLib.inference import native_bf16_cpu
 from FSEFTSegmentLib.model.network import Architecture
 from FSEFTSegmentLib.pretraining.loop import (
     CHECKPOINT_NAME,
@@ -31,11 +33,12 @@ from FSEFTSegmentLib.pretraining.loop import (
     lr_factor,
     main_pretrain,
     pretrain,
+    pretraining_dtype,
     validate_checkpoint,
 )
 from FSEFTSegmentLib.pretraining.loss import partial_label_dice_loss
 from FSEFTSegmentLib.pretraining.validation import summary, table, validate, validation_indices
-from FSEFTSegmentLib.progress import Progress
+from FSEFTSegmentLib.progress import JsonProgress, Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the smallest network that trains: 64-voxel crops (at 32 the bottleneck is one voxel), one block a stage
@@ -260,12 +263,22 @@ def test_a_run_resized_on_resume_continues_its_cosine_toward_the_new_end(tmp_pat
 
 
 def test_a_bf16_run_trains_in_mixed_precision_and_keeps_float32_weights(tmp_path):
-    result = pretrain(PretrainConfig.from_yaml(_config(tmp_path, precision="bf16", steps=2)), Progress())
-    assert result["steps"] == 2 and np.isfinite(result["last_loss"])
+    stream = io.StringIO()
+    result = pretrain(PretrainConfig.from_yaml(_config(tmp_path, precision="bf16", steps=1)), JsonProgress(stream))
+    assert result["steps"] == 1 and np.isfinite(result["last_loss"])
     weights = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+    warnings = [json.loads(line)["message"] for line in stream.getvalue().splitlines() if '"warning"' in line]
+    # An explicit bf16 is obeyed; where the CPU would emulate it, the user is told what it costs.
+    assert bool(warnings) == (not native_bf16_cpu()) and all("precision: auto" in w for w in warnings)
     good = yaml.safe_load((tmp_path / "pretrain.yaml").read_text())
     assert "'precision'" in _bad_config(tmp_path, {**good, "precision": "fp16"})
+
+
+def test_auto_precision_takes_bf16_only_where_the_hardware_computes_it():
+    cpu = torch.device("cpu")
+    assert pretraining_dtype("fp32", cpu) is None and pretraining_dtype("bf16", cpu) is torch.bfloat16
+    assert pretraining_dtype("auto", cpu) is (torch.bfloat16 if native_bf16_cpu() else None)
 
 
 def test_the_volume_cache_stores_prepared_volumes_keyed_by_their_inputs(tmp_path):
@@ -426,6 +439,13 @@ def test_a_run_validates_logs_per_class_dice_and_keeps_the_best_weights(tmp_path
     assert exported["step"] == chosen["step"] and exported["dice"] == chosen["dice"]
     with pytest.raises(InputError, match="not a pretraining checkpoint"):
         export_model(config, tmp_path / "x.safetensors", tmp_path / "out" / "model.pt")
+
+    # A run continued from the exported weights records the steps that made them, in all
+    continued = PretrainConfig.from_yaml(_with_validation(tmp_path, steps=2, init="best.safetensors", out="continued"))
+    pretrain(continued, Progress())
+    export_model(continued, tmp_path / "continued.safetensors")
+    with safe_open(str(tmp_path / "continued.safetensors"), "pt") as exported:
+        assert exported.metadata()["fseft.steps"] == "2 of 2" and exported.metadata()["fseft.steps_before"] == str(chosen["step"])
 
 
 def test_lr_holds_until_every_class_reaches_the_dice_then_decays(tmp_path):

@@ -87,14 +87,14 @@ def test_arterial_phase_makes_the_aorta_bright(label_map):
 def test_a_map_that_labels_the_bladder_gets_no_second_unlabelled_one():
     """The body context's fake bladder (unlabelled fluid low in the pelvis) is painted only for maps
     without a bladder; drawing it anyway leaves the rest of the volume as it was."""
-    from FSEFTSegmentLib.pretraining.phantoms import TISSUE_HU, _Canvas
+    from FSEFTSegmentLib.pretraining.anatomy import TISSUE_HU, Canvas
     from FSEFTSegmentLib.pretraining.synthesis import _pelvis
 
     axis = np.arange(-100.0, 101.0, 5.0, dtype=np.float32)
     depth = np.arange(-250.0, 1.0, 5.0, dtype=np.float32)
     painted = {}
     for labelled in (False, True):
-        canvas = _Canvas(axis, axis, depth)
+        canvas = Canvas(axis, axis, depth)
         canvas.hu[:] = TISSUE_HU["visceral_fat"][0]
         rng = np.random.default_rng(0)  # its second draw (0.27 < 0.6) paints the fake bladder
         _pelvis(canvas, rng, {"cortical_bone": 1000.0}, np.ones(canvas.hu.shape, bool), labelled_bladder=labelled)

@@ -71,6 +71,7 @@ def weights_info(model: str) -> dict:
     if str(path).endswith(".safetensors"):
         metadata = stored_metadata(path)
         info["steps"] = metadata.get("fseft.steps")
+        info["steps_before"] = int(metadata.get("fseft.steps_before", "0")) or None  # a run continued from earlier weights
         info["training_data"] = metadata.get("fseft.training_data")
         if "fseft.validation_dice" in metadata:  # weights exported from a run's checkpoint-best.pt
             info["synthetic_validation_dice"] = json.loads(metadata["fseft.validation_dice"])
@@ -256,6 +257,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Weights: `{weights['name']}` sha256 `{weights['sha256'][:16]}…`"
         + (f", pretraining steps {weights['steps']}" if weights.get("steps") else "")
+        + (f" continuing weights trained {weights['steps_before']} steps" if weights.get("steps_before") else "")
         + f"; measured {result['date'][:10]} on {result['device']} ({result['torch_threads']} torch threads).",
         "",
         (

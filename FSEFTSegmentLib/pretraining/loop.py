@@ -27,7 +27,8 @@ with `torch.load(weights_only=True)`. The final weights alone go to `model.pt` (
 loadable by `model.checkpoint.build_from_checkpoint`). Each step appends one JSON line to `loss.jsonl`.
 With `validate_every` (and a dataset's `validation: N`) the run scores its validation volumes every
 so many steps (`validation.py`): per-class Dice to `validation.jsonl`, the best weights so far to
-`checkpoint-best.pt`. `precision: bf16` runs the forward pass under bfloat16 autocast.
+`checkpoint-best.pt`. `precision: bf16` runs the forward pass under bfloat16 autocast; `auto` does so
+only where the hardware computes bf16 natively (`pretraining_dtype`).
 
 Launched under torchrun (RANK / WORLD_SIZE set, more than one process) the model is wrapped in
 DistributedDataParallel (gloo on the CPU, nccl on CUDA); only rank 0 writes files:
@@ -64,6 +65,7 @@ from ..model.checkpoint import ARCHITECTURE_METADATA, build_from_checkpoint, sto
 from ..model.network import Architecture, FoundationSwinUNETR, crop_size_problem
 from ..preprocessing import CTPreprocessing
 from ..progress import Progress, make_progress
+from ..inference import native_bf16_cpu
 from ..training import CropSampler, _cut, pad_to
 from .loss import partial_label_dice_loss
 from .synthesis import mirror_left_right, synthesize_ct
@@ -146,6 +148,8 @@ class PretrainConfig:
     volume_cache: bool = False  # keep prepared volumes in out/volume-cache/ (a resumed run skips synthesis)
     #: "bf16": the forward pass under bfloat16 autocast (weights, gradients and the loss stay float32).
     #: 1.4x faster steps on a CPU with AMX/AVX512-BF16 (measured on 2 cores), faster on recent GPUs
+    #: "auto": bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
+    #: AVX512-BF16 or AMX), fp32 elsewhere
     precision: str = "fp32"
     source: str | None = None  # the YAML file, for messages
 
@@ -202,8 +206,8 @@ class PretrainConfig:
                 continue
             value = values[key]
             if key == "precision":
-                if value not in ("fp32", "bf16"):
-                    fail(key, f"must be fp32 or bf16, got {value!r}")
+                if value not in ("auto", "fp32", "bf16"):
+                    fail(key, f"must be auto, fp32 or bf16, got {value!r}")
             elif key in ("out", "init"):
                 if not isinstance(value, str):
                     fail(key, "must be a path")
@@ -464,9 +468,9 @@ def _file_digest(path: Path) -> str:
 def _preparing_code() -> bytes:
     """The source of the modules that prepare a volume, read once: the code this process runs."""
     from .. import preprocessing
-    from . import phantoms, synthesis
+    from . import anatomy, synthesis
 
-    return b"".join(Path(module.__file__).read_bytes() for module in (preprocessing, synthesis, phantoms))
+    return b"".join(Path(module.__file__).read_bytes() for module in (preprocessing, synthesis, anatomy))
 
 
 class ClassBalancedSampler(CropSampler):
@@ -514,6 +518,14 @@ def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: in
 
 
 # ---------------------------------------------------------------------------------------- training
+
+
+def pretraining_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The forward pass's autocast dtype (None: float32) for a config's `precision` on `device`."""
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16_cpu()
+    if precision == "bf16" or (precision == "auto" and native):
+        return torch.bfloat16
+    return None
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -630,6 +642,10 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         "start", steps=total, message=f"pretraining {total} steps ({per_epoch} a epoch, warm-up {warmup}) "
         f"on {len(config.datasets)} dataset(s), {volumes} volume(s), {world} process(es), {device.type}"
     )
+    dtype = pretraining_dtype(config.precision, device)
+    if dtype is not None and device.type == "cpu" and not native_bf16_cpu():
+        progress.warning("precision bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): steps run about 30x "
+                         "slower than in float32 here; use precision: auto or fp32")
     cache = _VolumeCache(config, crop, out / VOLUME_CACHE_NAME if config.volume_cache else None)
     model.train()
     last_loss = float("nan")
@@ -646,7 +662,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         images, targets, annotated, names = _draw_batch(config, cache, crop, step, rank)
         lr_now = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(images.to(device))
         loss = partial_label_dice_loss(logits.float(), targets.to(device), annotated.to(device),
                                        bce_weight=config.bce_weight, absent_class_dice=config.absent_class_dice)
@@ -764,6 +780,14 @@ def _exported_step(path: str | os.PathLike) -> int | None:
     return int(steps.split()[0]) if steps[:1].isdigit() else None
 
 
+def _steps_in_all(path: str | os.PathLike) -> int | None:
+    """Every pretraining step behind exported weights: the run's own plus those of its `init` weights."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    step = _exported_step(path)
+    return None if step is None else step + int(stored_metadata(path).get("fseft.steps_before", "0"))
+
+
 def export_model(config: PretrainConfig, target: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> dict:
     """Write a checkpoint's weights (default: the run's latest) as a shippable safetensors file:
     tensors plus metadata (the architecture with the universal class names, the step reached, the
@@ -789,6 +813,9 @@ def export_model(config: PretrainConfig, target: str | os.PathLike, checkpoint: 
         "fseft.config": Path(config.source).name if config.source else "",
         "fseft.training_data": "synthetic images only" if all(spec.synthesize for spec in config.datasets) else "see config",
     }
+    before = _steps_in_all(config.init) if config.init else None
+    if before:  # a run continued from exported weights (`init`): the steps that made them
+        metadata["fseft.steps_before"] = str(before)
     if "validation" in state:
         metadata["fseft.validation_dice"] = json.dumps(state["validation"]["dice"])
     with atomic_write(target) as temporary:

@@ -15,7 +15,8 @@ on a new grid. Everything random comes from the seed:
 - body context the maps lack, laid out around the real organs: skin, subcutaneous and visceral fat,
   muscle wall, psoas and back muscles, spine (placed behind the aorta) and ribs, small bowel and
   colon with walls, fluid and gas, lungs above the diaphragm, pelvic bone and an (unlabelled)
-  bladder below, and sometimes the arms beside the body (all from `phantoms`);
+  bladder below, and sometimes the arms beside the body (the wall, bowel and skeleton from `anatomy`, as the
+  phantoms have them);
 - intensities: each organ's value is drawn between its native and portal-venous value at a
   per-volume contrast phase with a per-organ jitter (or an arterial / CT-angiography phase, bright
   vessels), with a smooth texture; gas and fluid inside the stomach (still labelled stomach) and
@@ -32,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import phantoms
+from . import anatomy
 
 #: Universal id -> (native, portal-venous) HU ranges the organ's mean is drawn between.
 ORGAN_HU: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {
@@ -185,24 +186,24 @@ def _body_context(organ_labels: np.ndarray, spacing: np.ndarray, origin: np.ndar
     # every organ, plus a random fat margin.
     relative = points[:, :2] - anchor
     guess_centre = np.array([-14.0, -18.0])
-    cavity_axes = np.array([phantoms._HALF_WIDTH * 0.76, phantoms._HALF_DEPTH * 0.72])
+    cavity_axes = np.array([anatomy.HALF_WIDTH * 0.76, anatomy.HALF_DEPTH * 0.72])
     needed = np.sqrt((((relative - guess_centre) / cavity_axes) ** 2).sum(1)).max()
     scale_xy = max(needed, 0.75) * rng.uniform(1.0, 1.15)
     centre = anchor - np.array([14.0, 18.0]) * scale_xy
 
     axes = [(coords[0] - centre[0]) / scale_xy, (coords[1] - centre[1]) / scale_xy, (coords[2] - z_centre)]
-    canvas = phantoms._Canvas(*(np.asarray(a, np.float32) for a in axes))
-    hu = {name: rng.uniform(*bounds) for name, bounds in phantoms.TISSUE_HU.items()}
+    canvas = anatomy.Canvas(*(np.asarray(a, np.float32) for a in axes))
+    hu = {name: rng.uniform(*bounds) for name, bounds in anatomy.TISSUE_HU.items()}
     hu["bowel_wall"] += 40.0 * phase
-    cavity, body_shape = phantoms._body(canvas, rng, hu)
+    cavity, body_shape = anatomy.body_wall(canvas, rng, hu)
     body = canvas.hu > -900
     cavity = cavity & ~organs
     lungs = _lungs(canvas, organ_labels, cavity, rng)
-    phantoms._bowel(canvas, rng, hu, cavity & ~lungs)
+    anatomy.bowel(canvas, rng, hu, cavity & ~lungs)
     _pelvis(canvas, rng, hu, cavity, labelled_bladder=bool((organ_labels == 15).any()))
     if rng.random() < 0.4:
         _arms(canvas, rng, hu, body_shape)
-    phantoms._skeleton(canvas, rng, hu, body_shape)
+    anatomy.skeleton(canvas, rng, hu, body_shape)
     canvas.labels[:] = 0  # context is unlabelled; the real organs carry the labels
     canvas.hu[organs & ~body] = hu["visceral_fat"]
     return canvas, hu
