@@ -147,6 +147,9 @@ class SegmentationPredictor:
         self.device = device
         self.settings = settings
         self.progress = progress or Progress()
+        if settings.precision == "bf16" and device.type == "cpu" and not native_bf16_cpu():
+            self.progress.warning("--precision bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "
+                                  "and much slower than fp32 here; use --precision auto")
         self.preprocessing = CTPreprocessing(network.architecture)
 
     def _heads(self, heads: Sequence[nn.Module | Head | AdaptedModel]) -> list[Head]:

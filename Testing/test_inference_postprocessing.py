@@ -18,8 +18,10 @@ from FSEFTSegmentLib.inference import (
     SegmentationPredictor,
     body_mask,
     keep_largest_component,
+    native_bf16_cpu,
 )
 from FSEFTSegmentLib.model.network import Architecture
+from FSEFTSegmentLib.progress import Progress
 
 SIZE = (40, 44, 24)  # (i, j, k); SimpleITK arrays are (k, j, i)
 SPACING = (3.0, 3.0, 3.0)
@@ -92,3 +94,23 @@ def test_largest_component_keeps_the_organ_not_the_larger_false_positive_outside
     unrestricted = predict(image, largest_component=True, body_mask=False)
     assert not unrestricted[organ].any() and unrestricted[table].any()
     assert np.array_equal(unrestricted, keep_largest_component(raw.astype(np.uint8)).astype(bool))
+
+
+class _Recorder(Progress):
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def emit(self, event, **fields):
+        self.events.append((event, fields.get("message", "")))
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_obeyed_with_a_warning():
+    warned = {}
+    for precision in ("auto", "fp32", "bf16"):
+        recorder = _Recorder()
+        SegmentationPredictor(_Stub(), torch.device("cpu"), InferenceSettings(precision=precision), recorder)
+        warned[precision] = [message for event, message in recorder.events if event == "warning"]
+    assert not warned["auto"] and not warned["fp32"]
+    assert bool(warned["bf16"]) == (not native_bf16_cpu()) and all("--precision auto" in m for m in warned["bf16"])
+
