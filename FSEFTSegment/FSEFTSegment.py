@@ -319,9 +319,9 @@ class FSEFTSegmentTest(ScriptedLoadableModuleTest):
     """Self-test: the scene round trip through a stand-in engine (seconds), then the real engine and the
     bundled model on a procedural phantom (about a minute on a CPU)."""
 
-    #: Liver Dice the bundled model must reach on phantom seed 7: 0.879 measured with the shipped
+    #: Liver Dice the bundled model must reach on phantom seed 7: 0.890 measured with the shipped
     #: weights (Testing/test_shipped_model.py), minus 0.05, rounded down
-    PHANTOM_LIVER_DICE_FLOOR = 0.82
+    PHANTOM_LIVER_DICE_FLOOR = 0.84
 
     def setUp(self):
         slicer.mrmlScene.Clear()
