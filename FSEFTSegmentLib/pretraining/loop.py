@@ -59,13 +59,13 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Cancelled, FSEFTError, InputError
+from ..inference import native_bf16_cpu
 from ..io.files import sha256_file
 from ..io.images import read_image
 from ..model.checkpoint import ARCHITECTURE_METADATA, build_from_checkpoint, stored_metadata
 from ..model.network import Architecture, FoundationSwinUNETR, crop_size_problem
 from ..preprocessing import CTPreprocessing
 from ..progress import Progress, make_progress
-from ..inference import native_bf16_cpu
 from ..training import CropSampler, _cut, pad_to
 from .loss import partial_label_dice_loss
 from .synthesis import mirror_left_right, synthesize_ct

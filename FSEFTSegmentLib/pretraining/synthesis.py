@@ -15,8 +15,8 @@ on a new grid. Everything random comes from the seed:
 - body context the maps lack, laid out around the real organs: skin, subcutaneous and visceral fat,
   muscle wall, psoas and back muscles, spine (placed behind the aorta) and ribs, small bowel and
   colon with walls, fluid and gas, lungs above the diaphragm, pelvic bone and an (unlabelled)
-  bladder below, and sometimes the arms beside the body (the wall, bowel and skeleton from `anatomy`, as the
-  phantoms have them);
+  bladder below, and sometimes the arms beside the body (the wall, bowel and skeleton are the
+  phantoms' own, from `anatomy`);
 - intensities: each organ's value is drawn between its native and portal-venous value at a
   per-volume contrast phase with a per-organ jitter (or an arterial / CT-angiography phase, bright
   vessels), with a smooth texture; gas and fluid inside the stomach (still labelled stomach) and
