@@ -29,5 +29,13 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/predict.py --json benchmarks/results/predict.json
 	$(PY) benchmarks/adapt.py --json benchmarks/results/adapt.json
 
+# documentation pictures into Resources/Screenshots/ (15-30 s on 2 CPU cores): the abdomen CT of
+# ../shared/data segmented and drawn by Slicer's MRML + VTK offscreen (needs libegl1 libegl-mesa0
+# libgl1-mesa-dri; skipped without the data), and the panel from the .ui by PySide6 (installed here)
+.PHONY: screenshots
+screenshots: $(STAMP)
+	$(PY) -c "import PySide6.QtUiTools" 2>/dev/null || $(PIP) install --quiet PySide6-Essentials
+	$(PY) Testing/render_screenshots.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -76,6 +76,9 @@ def cmd_models(args) -> int:
 
     if args.action == "list":
         rows = registry.list_models()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
         width = max([len(r["name"]) for r in rows] + [4])
         print(f"{'name':{width}}  {'status':15}  description")
         for row in rows:
@@ -91,6 +94,38 @@ def cmd_models(args) -> int:
         raise InputError("usage: fseft models pull NAME")
     path = registry.pull_model(args.name, make_progress(args.progress), force=args.force)
     print(f"{args.name}: {path}")
+    return 0
+
+
+def cmd_adapters(args) -> int:
+    from . import adapter_library as library
+
+    if args.action == "list":
+        root = Path(args.root).expanduser() if args.root else library.adapters_home()
+        rows = library.list_adapters(root)
+        print(json.dumps(rows, indent=2) if args.json else library.adapters_table(rows, root))
+    elif args.action == "export":
+        print(library.export_adapter(args.adapter, args.zip))
+    elif args.action == "import":
+        print(library.import_adapter(args.zip, args.root))
+    else:
+        print(f"deleted {library.delete_adapter(args.adapter, args.root)}")
+    return 0
+
+
+def cmd_device(args) -> int:
+    from .inference import device_report
+
+    report = device_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"torch {report['torch']} ({report['build']}); CUDA available: {'yes' if report['cuda_available'] else 'no'}")
+    for gpu in report["gpus"]:
+        memory = gpu.get("error") or f"{gpu['free_bytes'] / 2**30:.1f} GiB free of {gpu['total_bytes'] / 2**30:.1f} GiB"
+        print(f"GPU {gpu['index']}: {gpu['name']}, {memory}")
+    print(f"CPU: {report['cpu_threads']} PyTorch threads on {report['cpu_count']} logical CPUs; "
+          f"native bf16: {'yes' if report['native_bf16_cpu'] else 'no (emulated: use fp32)'}")
     return 0
 
 
@@ -271,8 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("target", nargs="?", help="PATH for import, NAME for pull")
     models.add_argument("--name", help="name for an imported model")
     models.add_argument("--force", action="store_true", help="download again even if present")
+    models.add_argument("--json", action="store_true", help="list: print JSON (what the Slicer module reads)")
     models.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     models.set_defaults(run=cmd_models)
+
+    adapters = commands.add_parser("adapters", help="list, export, import or delete saved adapters")
+    actions = adapters.add_subparsers(dest="action", required=True)
+    root_help = "adapters folder (default: $FSEFT_ADAPTERS, else adapters/ in the per-user fseft folder)"
+    listing = actions.add_parser("list", help="the saved adapters, newest first")
+    listing.add_argument("--root", help=root_help)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    export = actions.add_parser("export", help="write an adapter (its two files only) to a zip")
+    export.add_argument("adapter", metavar="ADAPTER", help="name of a saved adapter, or an adapter folder")
+    export.add_argument("zip", metavar="ZIP")
+    install = actions.add_parser("import", help="check an adapter zip and add it to the adapters folder")
+    install.add_argument("zip", metavar="ZIP")
+    install.add_argument("--root", help=root_help)
+    delete = actions.add_parser("delete", help="remove a saved adapter")
+    delete.add_argument("adapter", metavar="ADAPTER", help="name of a saved adapter, or its folder")
+    delete.add_argument("--root", help=root_help)
+    adapters.set_defaults(run=cmd_adapters)
+
+    device = commands.add_parser("device", help="what PyTorch can compute on: build, GPUs and their free memory, CPU")
+    device.add_argument("--json", action="store_true", help="print JSON (what the Slicer module reads)")
+    device.set_defaults(run=cmd_device)
     return parser
 
 

@@ -15,6 +15,7 @@ largest component.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -60,6 +61,41 @@ def native_bf16_cpu() -> bool:
     than in float32 on 2 cores of an AMD EPYC."""
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check is not None and check() for check in checks)
+
+
+def device_report() -> dict:
+    """What this PyTorch can compute on, JSON-ready (`fseft device`; the Slicer panel shows it).
+
+    Keys: torch (version), build ("CUDA 12.8", "ROCm 6.4" or "CPU-only": the build decides whether
+    a GPU can ever be used, whatever the machine holds), cuda_available, gpus (index, name,
+    free_bytes and total_bytes from `torch.cuda.mem_get_info`, i.e. as the driver sees them, other
+    processes included; None with an `error` when the GPU cannot be queried), cpu_threads (PyTorch's intra-op threads), cpu_count (logical CPUs) and
+    native_bf16_cpu.
+    """
+    if torch.version.cuda:
+        build = f"CUDA {torch.version.cuda}"
+    elif getattr(torch.version, "hip", None):
+        build = f"ROCm {torch.version.hip}"
+    else:
+        build = "CPU-only"
+    available = torch.cuda.is_available()
+    gpus = []
+    for index in range(torch.cuda.device_count() if available else 0):
+        gpu = {"index": index, "name": torch.cuda.get_device_name(index), "free_bytes": None, "total_bytes": None}
+        try:
+            gpu["free_bytes"], gpu["total_bytes"] = (int(n) for n in torch.cuda.mem_get_info(index))
+        except RuntimeError as error:  # a GPU busy in exclusive mode, or in a bad state: say so, list the rest
+            gpu["error"] = str(error).splitlines()[0][:200]
+        gpus.append(gpu)
+    return {
+        "torch": torch.__version__,
+        "build": build,
+        "cuda_available": available,
+        "gpus": gpus,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "native_bf16_cpu": native_bf16_cpu(),
+    }
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

@@ -76,10 +76,36 @@ ADAPTATION_METHODS = ("linear-probe", "spatial-adapter", "adapter-1x1", "bitfit"
                       "adaptformer", "full")
 
 
+def engine_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an engine process: this one's, with the engine importable and its output
+    unbuffered UTF-8 (the JSON lines must arrive as they are printed)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_ROOT), env.get("PYTHONPATH")]))
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
+    env.update(extra or {})
+    return env
+
+
 def missing_requirements() -> list[str]:
     """The engine requirements not installed in this interpreter (metadata only: nothing is imported)."""
     installed = {(distribution.metadata["Name"] or "").lower() for distribution in metadata.distributions()}
     return [spec for name, spec in ENGINE_REQUIREMENTS.items() if name not in installed]
+
+
+#: Packages Slicer ships and depends on: installing the engine's requirements must never change them.
+PROTECTED = ("numpy", "SimpleITK", "requests", "pydicom", "vtk")
+
+
+def protected_pins() -> list[str]:
+    """pip constraints (`name==version`) holding Slicer's own packages at their installed versions,
+    so that installing the engine's requirements fails rather than upgrading them."""
+    pins = []
+    for name in PROTECTED:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return pins
 
 
 def python_executable() -> str:
@@ -205,6 +231,13 @@ class EngineJob:
         self._ended = threading.Event()  # set once the process has exited and its output closed
         self._events: list[dict] = []
         self._log: deque[str] = deque(maxlen=20)
+        self._said = ""  # the engine's last info message: what a job without results reports at the end
+
+    @property
+    def phase(self) -> str:
+        """"preparing" (reading, caching features, downloading), "training" (epoch events) or "batch"
+        (segmenting studies, after a `start` event)."""
+        return self._phase
 
     @property
     def subcommand(self) -> str | None:
@@ -220,7 +253,7 @@ class EngineJob:
         try:
             self._process = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, encoding="utf-8", errors="replace", env=self._environment(), **_own_process_group())
+                text=True, encoding="utf-8", errors="replace", env=engine_environment(self.env), **_own_process_group())
         except OSError as error:
             self._transition(JobState.FAILED, f"could not start {self.command[0]}: {error}")
             return
@@ -268,13 +301,6 @@ class EngineJob:
             timer.daemon = True
             timer.start()
 
-    def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_ROOT), env.get("PYTHONPATH")]))
-        env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
-        env.update(self.env)
-        return env
-
     def _read(self) -> None:
         """Background thread: stdout lines to the queue, then the exit code. The pipe ends only when
         every process holding it has exited, so the exit event also means no child is left writing."""
@@ -321,6 +347,8 @@ class EngineJob:
             self.adapter = Path(event["path"])
         elif kind == "log":
             self._log.append(event["message"])
+        elif kind == "info" and event.get("message"):
+            self._said = str(event["message"])
         if kind in ("study_done", "study_failed") and self._studies:
             self.fraction = (len(self.outputs) + len(self.failures)) / self._studies
 
@@ -361,8 +389,10 @@ class EngineJob:
             self._transition(JobState.FAILED, problem)
         elif returncode == 0:
             self.fraction = 1.0
-            if self.adapter is None:
+            if self.adapter is None and (self.outputs or self.subcommand == "predict"):
                 done = f"{len(self.outputs)} result(s)"
+            elif self.adapter is None:
+                done = self._said or "finished"
             else:
                 done = f"adapter {self.adapter}" + (f", {len(self.outputs)} prediction(s)" if self.outputs else "")
             self._transition(JobState.COMPLETED, f"done: {done}")

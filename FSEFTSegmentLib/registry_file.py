@@ -1,14 +1,15 @@
-"""The model registry file (`Resources/models.json`), read as plain JSON without importing torch.
+"""The model registry file (`Resources/models.json`) and the per-user data folder, without importing torch.
 
-Why a module of its own: Slicer's process lists the models for its picker without loading the engine
-(`jobs`), while `model.registry` checks entries in depth and imports torch. Both find the file and
-the default model here, so they always agree.
+Why a module of its own: Slicer's process lists the models for its picker and the saved adapters
+without loading the engine (`jobs`), while `model.registry` checks entries in depth and imports
+torch. Both find the file, the default model and the per-user folder here, so they always agree.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 RESOURCES = Path(__file__).resolve().parents[1] / "Resources"
@@ -18,6 +19,19 @@ REGISTRY_FILE = RESOURCES / "models.json"
 def registry_path() -> Path:
     """`FSEFT_REGISTRY` when set (tests, private registries), else the extension's models.json."""
     return Path(os.environ.get("FSEFT_REGISTRY") or REGISTRY_FILE).expanduser()
+
+
+def cache_dir() -> Path:
+    """`$FSEFT_CACHE`, else the platform's per-user cache folder (nothing is created here)."""
+    if os.environ.get("FSEFT_CACHE"):
+        return Path(os.environ["FSEFT_CACHE"]).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "fseft"
 
 
 def read_document(path: str | os.PathLike | None = None) -> dict:

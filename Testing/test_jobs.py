@@ -545,18 +545,37 @@ def test_the_engine_modules_the_slicer_process_loads_do_not_import_torch():
 
 
 def test_the_ui_file_is_valid_and_names_every_widget_the_module_uses():
+    """Every `self.ui.NAME` and every widget name the module passes around as a string exists in the
+    .ui, and every Slicer/CTK class the .ui uses is declared (else Slicer cannot load the panel)."""
     root = ET.parse(UI).getroot()
     widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text(encoding="utf-8")))
-    assert used and used <= set(widgets), used - set(widgets)
-    assert widgets["inputVolumeSelector"] == "qMRMLNodeComboBox"
-    bound = {w.get("name"): p.find("string").text for w in root.iter("widget") for p in w.findall("property")
-             if p.get("name") == "SlicerParameterName"}
-    fields = ast.parse(MODULE.read_text(encoding="utf-8"))
-    parameter_class = next(n for n in ast.walk(fields) if isinstance(n, ast.ClassDef) and n.name == "FSEFTSegmentParameterNode")
-    assert set(bound.values()) == {s.target.id for s in parameter_class.body if isinstance(s, ast.AnnAssign)}
+    source = MODULE.read_text(encoding="utf-8")
+    used = set(re.findall(r"\bui\.(\w+)", source))
+    named = {node.value for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and re.fullmatch(r"[a-z]\w*(Button|ComboBox|Label|Table|Selector|SpinBox|CheckBox|TextEdit|LineEdit|Frame)", node.value)}
+    methods = {"setHorizontalHeaderLabels", "layout", "clear"}  # Qt calls on ui.X, caught by the pattern's \w+
+    assert used and (used - methods) <= set(widgets), (used - methods) - set(widgets)
+    assert named and named <= set(widgets), named - set(widgets)
     declared = {c.find("class").text for c in root.iter("customwidget")}
     assert {cls for cls in widgets.values() if cls.startswith(("qMRML", "ctk"))} <= declared
+    assert widgets["queryVolumesSelector"] == widgets["segmentVolumesSelector"] == "qMRMLCheckableNodeComboBox"
+    connected = {c.find("receiver").text for c in root.iter("connection") if c.find("slot").text.startswith("setMRMLScene")}
+    assert connected == {name for name, cls in widgets.items() if cls.startswith("qMRML") and cls != "qMRMLWidget"}
+
+
+def test_protected_pins_hold_slicers_own_packages(monkeypatch):
+    pins = jobs.protected_pins()
+    from importlib import metadata
+
+    assert f"numpy=={metadata.version('numpy')}" in pins and f"SimpleITK=={metadata.version('SimpleITK')}" in pins
+    assert all("==" in pin for pin in pins)
+
+
+def test_a_job_without_results_ends_with_the_engines_last_word(tmp_path):
+    job = script_job(tmp_path, 'emit(event="info", message="fseft-swinunetr: fseft.pth verified and saved")\n')
+    job.start()
+    job.wait(timeout=30)
+    assert job.state is JobState.COMPLETED and job.message == "done: fseft-swinunetr: fseft.pth verified and saved"
 
 
 def test_engine_requirements_match_pyproject(monkeypatch):

@@ -1,14 +1,11 @@
-"""scene.py against real MRML (slicer-core, headless): exact geometry out, segmentations back in,
-a scene left as it was after a bad file; and the module's Logic and self-test run on that MRML."""
+"""scene.py against real MRML (slicer-core, headless): exact geometry out (oblique, anisotropic),
+annotations on other grids resampled onto the volume's with a notice, segmentations back in, a scene
+left as it was after a bad file, and what the panel reads. (The module and its panel: test_panel.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
-import stat
-import sys
+import re
 import types
-import unittest
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +17,6 @@ slicerio = pytest.importorskip("slicerio")
 from FSEFTSegmentLib import scene  # noqa: E402
 from FSEFTSegmentLib.errors import InputError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, its own inverse
 
 # Oblique (rotated about two axes) and anisotropic, with an origin that is not on any lattice.
@@ -49,10 +45,11 @@ def liver_mask_kji():
     return mask
 
 
-def write_seg(path, segments):
-    """A .seg.nrrd as another program would write it (slicerio, (i,j,k) voxels, IJK-to-LPS)."""
-    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ IJK_TO_RAS
-    segmentation = slicerio.create_segmentation(SHAPE_KJI[::-1], ijk_to_lps)
+def write_seg(path, segments, ijk_to_ras=IJK_TO_RAS):
+    """A .seg.nrrd as another program would write it (slicerio, (i,j,k) voxels, IJK-to-LPS), on
+    the grid `ijk_to_ras` (default: the test volume's) with the masks' shape."""
+    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras
+    segmentation = slicerio.create_segmentation(segments[0][2].shape[::-1], ijk_to_lps)
     for name, color, mask_kji in segments:
         slicerio.add_segment(segmentation, mask_kji.transpose(2, 1, 0), {"id": name, "name": name, "color": color})
     slicerio.write_segmentation(str(path), segmentation)
@@ -212,8 +209,10 @@ def test_export_supports_writes_the_segment_as_a_label_map_on_the_volume_grid(mr
     annotation = add_annotation(mrml_scene, volume, [("liver", liver_mask_kji()), ("pancreas", pancreas)])
     before = node_ids(mrml_scene)
 
-    [(image, label)] = scene.export_supports(mrml_scene, [(volume, annotation)], "pancreas", tmp_path / "supports")
+    exported = scene.export_supports(mrml_scene, [(volume, annotation)], "pancreas", tmp_path / "supports")
 
+    [(image, label)] = exported.supports
+    assert exported.notices == []  # drawn on the volume: nothing resampled
     assert (image, label) == (tmp_path / "supports" / "CT_chest.nrrd", tmp_path / "supports" / "labels" / "CT_chest.nrrd")
     assert b"encoding: raw" in label.read_bytes()[:1000]
     ct, labels = sitk.ReadImage(str(image)), sitk.ReadImage(str(label))
@@ -235,8 +234,8 @@ def test_export_supports_finds_a_segment_by_name_whatever_its_case(mrml_scene, t
 
 @pytest.mark.parametrize("segments, error", [
     ([("liver", liver_mask_kji()), ("spleen", liver_mask_kji())],
-     "segmentation 'Annotations' has no segment 'pancreas' (it has: 'liver', 'spleen')"),
-    ([], "segmentation 'Annotations' has no segment 'pancreas' (it has: no segments)"),
+     "segmentation 'Annotations' of 'CT chest' has no segment 'pancreas' (it has: 'liver', 'spleen')"),
+    ([], "segmentation 'Annotations' of 'CT chest' has no segment 'pancreas' (it has: no segments)"),
     ([("pancreas", np.zeros(SHAPE_KJI, bool))], "segment 'pancreas' of 'Annotations' is empty: draw it on 'CT chest' first"),
 ])
 def test_export_supports_refuses_a_missing_or_empty_segment_in_one_line_leaving_no_nodes(
@@ -262,171 +261,239 @@ def test_annotated_volumes_pairs_each_volume_with_the_segmentation_drawn_on_it(m
 
     assert scene.segmentations_of(mrml_scene, a) == [a_without, a_with]
     assert scene.annotated_volumes(mrml_scene, [a, b], "pancreas") == [(a, a_with), (b, b_without)]
-    with pytest.raises(InputError, match=r"^volume 'c' has no segmentation: annotate 'pancreas' in the Segment Editor"):
+    with pytest.raises(InputError) as raised:
         scene.annotated_volumes(mrml_scene, [a, add_volume(mrml_scene, "c")], "pancreas")
+    assert str(raised.value) == ("volume 'c' has no segmentation: annotate 'pancreas' in the Segment Editor with this volume "
+                                 "as the source volume ('on another volume' holding it belongs to volume 'other')")
 
 
-# --- the Slicer module's Logic and self-test, on this MRML with the Qt parts stubbed --------------
+# --- multi-structure supports; segmentations on other grids or other volumes -----------------------
 
 
-@pytest.fixture
-def module(mrml_scene, tmp_path, monkeypatch):
-    """FSEFTSegment/FSEFTSegment.py imported with stand-ins for what only the application has."""
-    parameters = types.SimpleNamespace(adapterPath="")
-
-    class Base:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-        def getParameterNode(self):
-            return parameters
-
-    class Test(unittest.TestCase):
-        def delayDisplay(self, message):
-            pass
-
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", types.SimpleNamespace(
-        parameterNodeWrapper=lambda cls: lambda node: node, Choice=lambda choices: choices))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", types.SimpleNamespace(
-        ScriptedLoadableModule=Base, ScriptedLoadableModuleWidget=Base,
-        ScriptedLoadableModuleLogic=Base, ScriptedLoadableModuleTest=Test))
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path),
-                                                             defaultScenePath=str(tmp_path / "Slicer")), raising=False)
-    spec = importlib.util.spec_from_file_location("FSEFTSegment_under_test", ROOT / "FSEFTSegment" / "FSEFTSegment.py")
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    monkeypatch.setattr(loaded, "python_executable", lambda: sys.executable)
-    loaded.parameters = parameters
-    return loaded
+def block(shape_kji, k, j, i):
+    """A boolean array of `shape_kji`, True in the slices k, j, i."""
+    mask = np.zeros(shape_kji, bool)
+    mask[k, j, i] = True
+    return mask
 
 
-def test_module_self_test_passes_headless(module):
-    module.FSEFTSegmentTest("test_roundtrip_through_stand_in_engine").runTest()
+def test_export_supports_labels_the_segments_in_the_order_asked_the_later_winning_an_overlap(mrml_scene, tmp_path):
+    volume = add_volume(mrml_scene)
+    liver = block(SHAPE_KJI, slice(0, 3), slice(0, 3), slice(0, 4))
+    spleen = block(SHAPE_KJI, slice(2, 5), slice(2, 6), slice(3, 7))
+    annotation = add_annotation(mrml_scene, volume, [("liver", liver), ("spleen", spleen), ("kidney", ~(liver | spleen))])
+
+    exported = scene.export_supports(mrml_scene, [(volume, annotation)], ["spleen", "liver"], tmp_path)
+
+    [(image, label)] = exported.supports
+    expected = np.zeros(SHAPE_KJI, np.uint8)
+    expected[spleen], expected[liver] = 1, 2  # values by the order asked; liver, the later, over spleen
+    labels = sitk.ReadImage(str(label))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)
+    assert labels.GetSize() == sitk.ReadImage(str(image)).GetSize()
+    assert exported.notices == [f"segment 'liver' of 'Annotations' overlaps 'spleen' in {(liver & spleen).sum()} voxels,"
+                                " labelled 'liver' there"]
+    assert list(exported) == exported.supports  # what jobs.adapt_command iterates
 
 
-STAND_IN_ENGINE = """\
-#!{python}
-# Stands for `python -m FSEFTSegmentLib predict ... --progress json STUDY_LIST`: reads the study list,
-# "segments" each volume (a box) and reports like the engine.
-import csv, json, sys
-from pathlib import Path
-import numpy as np, SimpleITK as sitk, slicerio
-args = sys.argv[1:]
-assert args[:3] == ["-m", "FSEFTSegmentLib", "predict"], args
-option = lambda name: args[args.index(name) + 1]
-assert option("--progress") == "json" and option("--format") == "seg.nrrd", args
-out = Path(option("--out")); out.mkdir(parents=True)
-study_list = Path(args[-1])
-rows = list(csv.DictReader(open(study_list, encoding="utf-8")))
-print(json.dumps({{"event": "start", "studies": len(rows)}}))
-for row in rows:
-    image = sitk.ReadImage(str(study_list.parent / row["image"]))
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    ijk_to_lps[:3, 3] = image.GetOrigin()
-    segmentation = slicerio.create_segmentation(image.GetSize(), ijk_to_lps)
-    mask = np.zeros(image.GetSize(), bool); mask[1:3, 2:4, 1:4] = True
-    slicerio.add_segment(segmentation, mask, {{"id": "liver", "name": "liver", "color": [0.8, 0.3, 0.2]}})
-    path = out / (row["id"] + ".seg.nrrd")
-    slicerio.write_segmentation(str(path), segmentation)
-    print(json.dumps({{"event": "study_done", "study": row["id"], "outputs": [str(path)], "message": "done"}}))
-print(json.dumps({{"event": "summary", "succeeded": len(rows), "failed": 0}}))
-"""
+def load_annotation(mrml_scene, path, volume, name="Annotations"):
+    """A .seg.nrrd loaded from a file, then set to reference `volume`: its labelmap keeps the file's grid."""
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return node
 
 
-def test_module_logic_runs_a_batch_through_the_engine_command_line(module, mrml_scene, tmp_path, monkeypatch):
-    engine = tmp_path / "engine"
-    engine.write_text(STAND_IN_ENGINE.format(python=sys.executable))
-    engine.chmod(engine.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(module, "python_executable", lambda: str(engine))
-    volumes = [add_volume(mrml_scene, "CT"), add_volume(mrml_scene, "CT")]
-
-    logic = module.FSEFTSegmentLogic()
-    job = logic.run(volumes, "fseft-swinunetr", "liver, spleen", "cpu", waitForCompletion=True)
-
-    assert job.state is module.JobState.COMPLETED, job.message
-    assert job.command[job.command.index("--structures") + 1] == "liver,spleen"
-    results = [mrml_scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode") for i in range(2)]
-    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-    assert [r.GetNodeReference(role) for r in results] == volumes
-    expected = np.zeros(SHAPE_KJI, bool)
-    expected[1:4, 2:4, 1:3] = True
-    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(results[1], "liver", volumes[1]), expected)
-    assert logic.temporaryFolder is None and list(tmp_path.glob("FSEFTSegment-*")) == []
+def index_map(offset=(0.0, 0.0, 0.0), scale=1.0, axes=np.eye(3)):
+    """A segmentation voxel index (i, j, k, 1) -> the volume voxel index."""
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = scale * np.asarray(axes, float), offset
+    return matrix
 
 
-STAND_IN_ADAPT = """\
-#!{python}
-# Stands for `python -m FSEFTSegmentLib adapt ... --predict-queries --progress json`: checks each support's
-# label map against its image, "predicts" each query (a box) into OUT/predictions, reports the adapter.
-import json, sys
-from pathlib import Path
-import numpy as np, SimpleITK as sitk, slicerio
-args = sys.argv[1:]
-assert args[:3] == ["-m", "FSEFTSegmentLib", "adapt"] and args[-2:] == ["--progress", "json"], args
-values = lambda name: [args[i + 1] for i, arg in enumerate(args) if arg == name]
-assert values("--structure") == ["pancreas=1"] and values("--method") == ["lora"] and "--size-prior" in args, args
-for i, arg in enumerate(args):
-    if arg == "--support":
-        image, label = (sitk.ReadImage(path) for path in args[i + 1:i + 3])
-        assert image.GetSize() == label.GetSize() and image.GetDirection() == label.GetDirection(), args
-        assert np.unique(sitk.GetArrayFromImage(label)).tolist() == [0, 1], args
-for epoch in (1, 2):
-    print(json.dumps({{"event": "epoch", "epoch": epoch, "epochs": 2, "loss": 0.5, "message": f"epoch {{epoch}}/2"}}))
-out = Path(values("--out")[0])
-(out / "predictions").mkdir(parents=True)
-for query in values("--query"):
-    image = sitk.ReadImage(query)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    ijk_to_lps[:3, 3] = image.GetOrigin()
-    segmentation = slicerio.create_segmentation(image.GetSize(), ijk_to_lps)
-    mask = np.zeros(image.GetSize(), bool); mask[1:3, 2:4, 1:4] = True
-    slicerio.add_segment(segmentation, mask, {{"id": "pancreas", "name": "pancreas", "color": [0.9, 0.7, 0.2]}})
-    slicerio.write_segmentation(str(out / "predictions" / (Path(query).name[:-len(".nrrd")] + ".seg.nrrd")), segmentation)
-print(json.dumps({{"event": "adapter", "path": str(out)}}))
-"""
+def turn_about_k(degrees):
+    """The index map of a grid turned about the volume's k axis through its centre."""
+    axis = ROTATION[:, 2]
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.deg2rad(degrees)
+    turn = np.eye(4)
+    turn[:3, :3] = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues
+    centre = (IJK_TO_RAS @ [3.0, 2.5, 2.0, 1.0])[:3]
+    turn[:3, 3] = centre - turn[:3, :3] @ centre
+    return np.linalg.solve(IJK_TO_RAS, turn @ IJK_TO_RAS)
 
 
-def test_module_logic_adapts_imports_the_queries_and_applies_the_adapter(module, mrml_scene, tmp_path, monkeypatch):
-    engine = tmp_path / "adapt-engine"
-    engine.write_text(STAND_IN_ADAPT.format(python=sys.executable))
-    engine.chmod(engine.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(module, "python_executable", lambda: str(engine))
-    supports = [add_volume(mrml_scene, "S1"), add_volume(mrml_scene, "S2")]
-    for support in supports:
-        add_annotation(mrml_scene, support, [("pancreas", liver_mask_kji())])
-    query = add_volume(mrml_scene, "Query")
-    before = mrml_scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-
-    logic = module.FSEFTSegmentLogic()
-    job = logic.adapt(supports, " pancreas ", "lora", "fseft-swinunetr", sizePrior=True, queryVolumes=[query],
-                      waitForCompletion=True)
-
-    assert job.state is module.JobState.COMPLETED, job.message
-    assert job.fraction == 1.0
-    adapter = Path(module.parameters.adapterPath)
-    assert adapter == job.adapter and adapter.parent == tmp_path / "Slicer" / "FSEFTSegment adapters"
-    assert adapter.name.startswith("pancreas-lora-") and "--predict-queries" in job.command
-    result = mrml_scene.GetNthNodeByClass(before, "vtkMRMLSegmentationNode")
-    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
-    assert result.GetNodeReference(role) is query and result.GetName() == "Query segmentation"
-    expected = np.zeros(SHAPE_KJI, bool)
-    expected[1:4, 2:4, 1:3] = True
-    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(result, "pancreas", query), expected)
-    assert logic.temporaryFolder is None and list(tmp_path.glob("FSEFTSegment-*")) == []
-
-    engine.write_text(STAND_IN_ENGINE.format(python=sys.executable))  # Apply now runs the adapter
-    job = logic.run([query], "fseft-swinunetr", adapterPath=str(adapter), waitForCompletion=True)
-    assert job.state is module.JobState.COMPLETED, job.message
-    assert job.command[job.command.index("--adapter") + 1] == str(adapter) and "--model" not in job.command
+def nearest_on_volume(mask_kji, segment_to_volume):
+    """Reference resampling: each volume voxel takes the segmentation voxel nearest its centre."""
+    k, j, i = np.indices(SHAPE_KJI).reshape(3, -1)
+    source = np.rint(np.linalg.solve(segment_to_volume, np.stack([i, j, k, np.ones_like(i)]))[:3]).astype(int)
+    inside = np.all((source >= 0) & (source < np.array(mask_kji.shape[::-1])[:, None]), axis=0)
+    found = np.zeros(i.size, bool)
+    found[inside] = mask_kji[source[2, inside], source[1, inside], source[0, inside]]
+    return found.reshape(SHAPE_KJI)
 
 
-def test_module_logic_adapt_refuses_a_volume_without_annotation(module, mrml_scene, tmp_path):
-    logic = module.FSEFTSegmentLogic()
-    with pytest.raises(InputError, match="volume 'CT chest' has no segmentation"):
-        logic.adapt([add_volume(mrml_scene)], "pancreas", "lora", "m")
-    with pytest.raises(ValueError, match="Name the annotated segment"):
-        logic.adapt([add_volume(mrml_scene)], " ", "lora", "m")
+COARSE = block(SHAPE_KJI, slice(1, 4), slice(2, 5), slice(1, 3)) | block(SHAPE_KJI, 4, 5, 6)
+SMALL = block((3, 4, 4), slice(0, 2), slice(1, 3), slice(0, 3))
+SWAPPED = block((5, 7, 6), slice(1, 3), slice(0, 5), slice(2, 4))  # (k, j, i) with j along the volume's i
+TURNED = block(SHAPE_KJI, slice(1, 4), slice(1, 5), slice(1, 6))
+
+
+@pytest.mark.parametrize("segment_to_volume, mask, expected, difference", [
+    # The Segment Editor's oversampling by 2: each volume voxel split in 8 (its centre at their corner).
+    (index_map(offset=(-0.25,) * 3, scale=0.5), COARSE.repeat(2, 0).repeat(2, 1).repeat(2, 2), COARSE,
+     "0.355x0.415x1.25 mm voxels instead of 0.71x0.83x2.5 mm"),
+    # A cropped grid shifted by a quarter voxel along i: voxel centres v = s + 2.25, nearest s + 2.
+    (index_map(offset=(2.25, 1, 0)), SMALL, block(SHAPE_KJI, slice(0, 2), slice(2, 4), slice(2, 5)),
+     "shifted by 0.25, 0, 0 voxels"),
+    # Cropped on the volume's own lattice, and with i and j swapped: the same voxel centres, no notice.
+    (index_map(offset=(2, 1, 0)), SMALL, block(SHAPE_KJI, slice(0, 2), slice(2, 4), slice(2, 5)), None),
+    (index_map(axes=[[0, 1, 0], [1, 0, 0], [0, 0, 1]]), SWAPPED, block(SHAPE_KJI, slice(1, 3), slice(2, 4), slice(0, 5)),
+     None),
+    (turn_about_k(10.0), TURNED, nearest_on_volume(TURNED, turn_about_k(10.0)), "rotated by 10.0 degrees"),
+], ids=["oversampled", "quarter-voxel-shift", "cropped", "axes-swapped", "rotated"])
+def test_export_supports_puts_a_segmentation_on_another_grid_onto_the_volume_grid_and_says_so(
+        mrml_scene, tmp_path, segment_to_volume, mask, expected, difference):
+    volume = add_volume(mrml_scene)
+    path = write_seg(tmp_path / "elsewhere.seg.nrrd", [("liver", [0.8, 0.3, 0.2], mask)], IJK_TO_RAS @ segment_to_volume)
+    annotation = load_annotation(mrml_scene, path, volume)
+
+    exported = scene.export_supports(mrml_scene, [(volume, annotation)], "liver", tmp_path / "supports")
+
+    [(image, label)] = exported.supports
+    ct, labels = sitk.ReadImage(str(image)), sitk.ReadImage(str(label))
+    assert (labels.GetSize(), labels.GetSpacing(), labels.GetOrigin(), labels.GetDirection()) == \
+        (ct.GetSize(), ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected.astype(np.uint8))
+    assert exported.notices == ([] if difference is None else [
+        f"segment 'liver' of 'Annotations' was on a different grid ({difference}); resampled onto the grid of 'CT chest'"])
+
+
+def test_export_supports_follows_a_transform_between_segmentation_and_volume(mrml_scene, tmp_path):
+    volume = add_volume(mrml_scene)
+    annotation = add_annotation(mrml_scene, volume, [("liver", block(SHAPE_KJI, slice(1, 3), slice(1, 3), slice(1, 3)))])
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = 1.25 * IJK_TO_RAS[:3, 0]  # a voxel and a quarter along i
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    annotation.SetAndObserveTransformNodeID(transform.GetID())
+
+    exported = scene.export_supports(mrml_scene, [(volume, annotation)], "liver", tmp_path)
+
+    [(_, label)] = exported.supports
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(label))),
+                                  block(SHAPE_KJI, slice(1, 3), slice(1, 3), slice(2, 4)))
+    assert exported.notices == ["segment 'liver' of 'Annotations' was on a different grid (shifted by 0.25, 0, 0 voxels);"
+                                " resampled onto the grid of 'CT chest'"]
+
+
+def test_export_supports_refuses_a_segmentation_that_belongs_to_another_volume(mrml_scene, tmp_path):
+    chest, abdomen = add_volume(mrml_scene, "CT chest"), add_volume(mrml_scene, "CT abdomen")
+    drawn_elsewhere = add_annotation(mrml_scene, abdomen, [("liver", liver_mask_kji())])
+    loaded = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Loaded")
+
+    for segmentation, owner in ((drawn_elsewhere, "volume 'CT abdomen'"), (loaded, "no volume")):
+        with pytest.raises(InputError) as raised:
+            scene.export_supports(mrml_scene, [(chest, segmentation)], "liver", tmp_path / "supports")
+        assert str(raised.value) == (f"segmentation '{segmentation.GetName()}' belongs to {owner}, not to 'CT chest': "
+                                     "annotate 'CT chest' with it as the Segment Editor's source volume")
+    assert not (tmp_path / "supports").exists()
+
+
+def test_annotated_volumes_picks_the_segmentation_holding_the_structures_and_refuses_them_split(mrml_scene):
+    ct = add_volume(mrml_scene)
+    add_annotation(mrml_scene, ct, [("liver", liver_mask_kji()), ("spleen", np.zeros(SHAPE_KJI, bool))], "draft")
+    both = add_annotation(mrml_scene, ct, [("liver", liver_mask_kji()), ("Spleen", liver_mask_kji())], "both")
+    add_annotation(mrml_scene, ct, [("liver", liver_mask_kji())], "liver only")
+
+    assert scene.annotated_volumes(mrml_scene, [ct], ["liver", "spleen"]) == [(ct, both)]
+    mrml_scene.RemoveNode(both)
+    add_annotation(mrml_scene, ct, [("spleen", liver_mask_kji())], "spleen only")
+    with pytest.raises(InputError) as raised:
+        scene.annotated_volumes(mrml_scene, [ct], ["liver", "spleen"])
+    assert str(raised.value) == ("the segments of 'CT chest' are in different segmentations ('liver' in 'draft'; 'spleen' in "
+                                 "'spleen only'): copy them into one (Segmentations module, Copy/move segments)")
+    assert scene.annotated_volumes(mrml_scene, [ct], "liver")[0][1].GetName() == "draft"  # the first of equals
+    with pytest.raises(InputError, match="name each segment to learn once"):
+        scene.annotated_volumes(mrml_scene, [ct], ["liver", "Liver"])
+
+
+# --- what the panel reads: annotations, quality flags, CT plausibility, free space -----------------
+
+
+def test_annotations_list_the_annotated_volumes_their_segment_names_and_which_have_voxels(mrml_scene):
+    a, b = add_volume(mrml_scene, "a"), add_volume(mrml_scene, "b")
+    add_volume(mrml_scene, "not annotated")
+    labels = mrml_scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    slicer.util.updateVolumeFromArray(labels, np.zeros(SHAPE_KJI, np.int16))
+    add_annotation(mrml_scene, labels, [("liver", liver_mask_kji())], "on a label map")
+    empty = np.zeros(SHAPE_KJI, bool)
+    a1 = add_annotation(mrml_scene, a, [("liver", liver_mask_kji()), ("spleen", empty)], "a1")  # one shared labelmap
+    a2 = add_annotation(mrml_scene, a, [("Pancreas", ~liver_mask_kji()), ("liver", empty)], "a2")
+    b1 = add_annotation(mrml_scene, b, [("liver", liver_mask_kji())], "b1")
+
+    found = scene.annotations(mrml_scene)
+
+    assert found == [scene.Annotation(a, (a1, a2), ("liver", "spleen", "Pancreas"), frozenset({"liver", "Pancreas"})),
+                     scene.Annotation(b, (b1,), ("liver",), frozenset({"liver"}))]
+    assert scene.segment_names(mrml_scene) == ["liver", "spleen", "Pancreas"]
+    k = {name: sum(name in annotation.non_empty for annotation in found) for name in scene.segment_names(mrml_scene)}
+    assert k == {"liver": 2, "spleen": 0, "Pancreas": 1}
+
+
+def test_a_result_imports_under_its_name_with_the_engine_quality_flags(mrml_scene, tmp_path):
+    prediction = pytest.importorskip("FSEFTSegmentLib.prediction", reason="the engine (torch) is not installed")
+    from FSEFTSegmentLib.io.segmentations import write_segmentation
+    from FSEFTSegmentLib.labels import resolve_structures
+
+    volume = add_volume(mrml_scene)
+    reference = sitk.ReadImage(str(scene.export_volume(volume, tmp_path)))  # the engine's view of the oblique volume
+    structures = resolve_structures(["liver", "spleen", "pancreas"])
+    masks = np.stack([liver_mask_kji(), block(SHAPE_KJI, 4, slice(0, 2), slice(4, 7)), block(SHAPE_KJI, 0, 0, 0)])
+    quality = prediction.assess_quality(structures, [50.0, 120.0, 3.0], {"liver": (1.0, 2.0), "pancreas": (2.0, 4.0)})
+    path = write_segmentation(tmp_path / "CT_chest.seg.nrrd", masks, reference, structures,
+                              prediction.quality_tags(structures, quality))
+
+    [node] = scene.import_results(mrml_scene, {"CT_chest": [path]}, {"CT_chest": volume},
+                                  names={"CT_chest": "CT chest \u2013 liver, spleen (lora)"})
+
+    assert node.GetName() == "CT chest \u2013 liver, spleen (lora)"
+    liver, spleen, pancreas = (structure.display_name for structure in structures)
+    assert scene.quality_flags(node) == {liver: "volume 50.0 mL above the 1.0-2.0 mL the supports imply"}
+    assert scene.segment_quality(node) == {liver: scene.SegmentQuality(scene.quality_flags(node)[liver], "50", "1-2"),
+                                           pancreas: scene.SegmentQuality(None, "3", "2-4")}
+    for segment_id, mask in zip((s.name for s in structures), masks):
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(node, segment_id, volume).astype(bool), mask)
+
+
+def test_ct_warning_flags_a_volume_that_is_not_a_ct_in_hounsfield_units(mrml_scene):
+    rng = np.random.default_rng(0)
+    mr, ct = add_volume(mrml_scene, "MR"), add_volume(mrml_scene, "CT")
+    slicer.util.updateVolumeFromArray(mr, rng.uniform(0, 1000, SHAPE_KJI).astype(np.int16))
+    hounsfield = rng.normal(40, 30, SHAPE_KJI)
+    hounsfield[:, :2] = -1000  # air around the body
+    slicer.util.updateVolumeFromArray(ct, hounsfield.astype(np.int16))
+
+    assert scene.ct_warning(ct) is None
+    assert scene.ct_warning(mr).startswith("only 0.0% of voxels are below -200 HU (no air or lung)")
+    assert scene.ct_warning(mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")) is None
+
+
+def test_check_free_space_refuses_a_job_the_disk_cannot_hold(mrml_scene, tmp_path, monkeypatch):
+    volume = add_volume(mrml_scene)  # 210 int16 voxels: 2 bytes each, + 1 for the label + 1 for the result
+    folder = tmp_path / "jobs" / "next"  # not made yet: the disk is asked about the nearest folder that is
+
+    assert scene.check_free_space(folder, [volume, volume]) == int(1.5 * 2 * 210 * 4)
+    with pytest.raises(InputError) as raised:
+        scene.check_free_space(folder, [volume], factor=1e12)
+    assert re.fullmatch(rf"{re.escape(str(folder))}: not enough disk space for this job: about 840000000 MB needed, \d+ MB "
+                        r"free; free some space or choose another temporary folder \(Slicer: Edit > Application Settings "
+                        r"> General > Temporary directory\)", str(raised.value))
+    asked = []
+    monkeypatch.setattr(scene.shutil, "disk_usage", lambda path: asked.append(path) or types.SimpleNamespace(free=1000))
+    with pytest.raises(InputError, match="not enough disk space"):
+        scene.check_free_space(folder, [volume])
+    assert asked == [tmp_path]

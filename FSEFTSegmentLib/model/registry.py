@@ -23,7 +23,7 @@ import json
 import os
 import re
 import shutil
-import sys
+import sys  # noqa: F401 - Testing/test_registry.py patches registry.sys.platform for cache_dir
 import time
 import urllib.error
 import urllib.parse
@@ -37,7 +37,7 @@ from pathlib import Path
 from ..errors import DownloadError, FSEFTError, InputError, ModelError
 from ..io.files import sha256_file  # noqa: F401 (re-exported)
 from ..progress import Progress
-from ..registry_file import REGISTRY_FILE, RESOURCES, read_document, registry_path  # noqa: F401 (re-exported)
+from ..registry_file import REGISTRY_FILE, RESOURCES, cache_dir, read_document, registry_path  # noqa: F401 (re-exported)
 from .checkpoint import build_from_checkpoint, stored_architecture
 from .network import Architecture
 
@@ -97,19 +97,6 @@ class ModelEntry:
 
 
 # ---------------------------------------------------------------- cache
-
-
-def cache_dir() -> Path:
-    """`$FSEFT_CACHE`, else the platform's per-user cache folder (nothing is created here)."""
-    if os.environ.get("FSEFT_CACHE"):
-        return Path(os.environ["FSEFT_CACHE"]).expanduser()
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "fseft"
 
 
 def model_dir(name: str) -> Path:
