@@ -91,6 +91,7 @@ def check_metadata(metadata, path: str | os.PathLike) -> dict:
 
 
 def read_folder_metadata(folder: Path) -> dict:
+    """An adapter folder's `adapter.json`, checked without torch (the panel names a result by it)."""
     path = folder / METADATA_FILE
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))

@@ -35,6 +35,7 @@ from typing import Any, Sequence, TypedDict
 import torch
 
 from . import __version__
+from .adapter_library import FORMAT, METADATA_FILE, TENSORS_FILE, check_metadata
 from .errors import FSEFTError, InputError, ModelError
 from .labels import Structure, novel_structure, resolve_structure
 from .methods import get_method
@@ -42,9 +43,6 @@ from .methods.adapted import AdaptedModel
 from .model.network import FoundationSwinUNETR
 from .model.registry import model_sha256, sha256_file  # noqa: F401 - model_sha256 re-exported
 
-FORMAT = 1
-METADATA_FILE = "adapter.json"
-TENSORS_FILE = "adapter.safetensors"
 MAX_LISTED_KEYS = 6
 
 
@@ -281,28 +279,11 @@ def read_metadata(folder: str | os.PathLike) -> dict:
         raise InputError(f"not an adapter folder: {METADATA_FILE} is missing", folder) from None
     except (OSError, ValueError) as error:
         raise InputError(f"unreadable adapter metadata ({type(error).__name__}: {str(error)[:120]})", path) from None
-    if not isinstance(metadata, dict):
-        raise InputError("adapter metadata must be a JSON object", path)
-    if metadata.get("format") != FORMAT:
-        raise InputError(f"unknown adapter format {metadata.get('format')!r} (this version reads format {FORMAT})", path)
-    method = metadata.get("method")
-    if not isinstance(method, str):
-        raise InputError('adapter metadata has no "method"', path)
+    check_metadata(metadata, path)
     try:
-        get_method(method)
+        get_method(metadata["method"])
     except InputError as error:
         raise InputError(f"adapter uses an {error}", path) from None
-    base = metadata.get("base_model")
-    if not isinstance(base, dict) or not isinstance(base.get("sha256"), str) or not isinstance(base.get("name"), str):
-        raise InputError('adapter metadata needs "base_model" with "name" and "sha256"', path)
-    structures = metadata.get("structures")
-    if not isinstance(structures, list) or not structures or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in structures):
-        raise InputError('adapter metadata needs a non-empty "structures" list with names', path)
-    ranges = metadata.get("expected_volumes_ml")
-    if ranges is not None and not (
-        isinstance(ranges, dict) and all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r) for r in ranges.values())
-    ):
-        raise InputError('"expected_volumes_ml" must map structure names to [low, high]', path)
     return metadata
 
 

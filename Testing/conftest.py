@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -31,37 +30,8 @@ def mrml_scene():
     logics registered, plus the `slicer.mrmlScene` / `slicer.modules` stand-ins that slicer.util's
     array helpers need. The logics are on `slicer.modules.<name>.logic()`. Skips without slicer-core."""
     slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    colors = app_logic.GetColorLogic()
-    colors.SetMRMLScene(scene)
-    colors.AddDefaultColorNodes()
-    app_logic.SetModuleLogic("Colors", colors)
-    logics = {}
-    for name, cls in (
-        ("Volumes", slicer.vtkSlicerVolumesLogic),
-        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),  # its SetMRMLScene registers the converters
-        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
-    ):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.SetModuleLogic(name, logic)
-        logics[name] = logic
-
-    def module(logic):
-        return types.SimpleNamespace(logic=lambda: logic)
-
     saved = {name: getattr(slicer, name) for name in ("mrmlScene", "modules") if hasattr(slicer, name)}
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        colors=module(colors),
-        volumes=module(logics["Volumes"]),
-        segmentations=module(logics["Segmentations"]),
-        subjecthierarchy=module(logics["SubjectHierarchy"]),
-    )
-    scene.app_logic = app_logic  # keep the application logic alive as long as the scene
+    scene, _, _ = bootstrap_scene(slicer)
     try:
         yield scene
     finally:
@@ -73,7 +43,8 @@ def mrml_scene():
                 delattr(slicer, name)
 
 
-from synthetic import tiny_checkpoint  # noqa: E402  (after the path setup above)
+from headless_slicer import bootstrap_scene  # noqa: E402  (after the path setup above)
+from synthetic import tiny_checkpoint  # noqa: E402
 
 # A random feature-size-12 network registered with a coarse working space (4.5 mm, 64^3 windows),
 # so a whole real CT takes seconds: the pipeline is checked, not accuracy.

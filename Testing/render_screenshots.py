@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -42,6 +41,8 @@ CT_PATH = SHARED_DATA / "real-ct" / "totalseg-abdomen" / "ct.nii.gz"
 UI_PATH = ROOT / "FSEFTSegment" / "Resources" / "UI" / "FSEFTSegment.ui"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from headless_slicer import bootstrap_scene  # noqa: E402  (beside this file)
+
 STRUCTURES = "liver,spleen,right kidney,left kidney,stomach,aorta"
 OVERLAY_WIDTH = 800
 PANEL_WIDTH = 450
@@ -69,42 +70,20 @@ def predict(ct: Path, workdir: Path) -> Path:
     return outputs[0]
 
 
-def bootstrap_scene(slicer):
-    """A headless MRML scene with the application, Colors, Volumes, Segmentations and SubjectHierarchy
-    logics and the slicer.mrmlScene / slicer.modules stand-ins (shared/notes/slicer-facts.md, A)."""
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    colors = app_logic.GetColorLogic()
-    colors.SetMRMLScene(scene)
-    colors.AddDefaultColorNodes()
-    app_logic.SetModuleLogic("Colors", colors)
-    logics = {}
-    for name, cls in (("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),  # registers the converters
-                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.SetModuleLogic(name, logic)
-        logics[name] = logic
-    module = lambda logic: types.SimpleNamespace(logic=lambda: logic)  # noqa: E731
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(colors=module(colors), volumes=module(logics["Volumes"]),
-                                           segmentations=module(logics["Segmentations"]),
-                                           subjecthierarchy=module(logics["SubjectHierarchy"]))
-    return scene, app_logic, logics
-
-
-def load_ct(slicer, scene, path: Path):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT abdomen")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+def read_node(scene, node_class: str, name: str, storage, path: Path):
+    """A node of `node_class` read from `path` by `storage` (a Slicer storage node), with its display."""
+    node = scene.AddNewNodeByClass(node_class, name)
     storage.SetFileName(str(path))
     scene.AddNode(storage)
     if not storage.ReadData(node):
         raise RuntimeError(f"Slicer could not read {path}")
     node.SetAndObserveStorageNodeID(storage.GetID())
     node.CreateDefaultDisplayNodes()
+    return node
+
+
+def load_ct(slicer, scene, path: Path):
+    node = read_node(scene, "vtkMRMLScalarVolumeNode", "CT abdomen", slicer.vtkMRMLVolumeArchetypeStorageNode(), path)
     display = node.GetDisplayNode()
     display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
     display.SetAutoWindowLevel(False)
@@ -113,14 +92,7 @@ def load_ct(slicer, scene, path: Path):
 
 
 def load_segmentation(slicer, scene, path: Path, ct):
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    scene.AddNode(storage)
-    if not storage.ReadData(node):
-        raise RuntimeError(f"Slicer could not read {path}")
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    node.CreateDefaultDisplayNodes()
+    node = read_node(scene, "vtkMRMLSegmentationNode", "Segmentation", slicer.vtkMRMLSegmentationStorageNode(), path)
     node.SetReferenceImageGeometryParameterFromVolumeNode(ct)
     display = node.GetDisplayNode()
     display.SetVisibility2DFill(True)

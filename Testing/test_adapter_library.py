@@ -73,8 +73,7 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-def test_constants_and_home(monkeypatch, tmp_path):
-    assert (library.FORMAT, library.METADATA_FILE, library.TENSORS_FILE) == (adapters.FORMAT, adapters.METADATA_FILE, adapters.TENSORS_FILE)
+def test_adapters_home(monkeypatch, tmp_path):
     monkeypatch.setenv("FSEFT_ADAPTERS", str(tmp_path / "mine"))
     assert library.adapters_home() == tmp_path / "mine"
     monkeypatch.delenv("FSEFT_ADAPTERS")

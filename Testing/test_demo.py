@@ -71,7 +71,7 @@ def test_quick_demo_prints_one_row_per_method_and_k(quick_demo):
             continue
         method = next(variant.method for variant in VARIANTS if variant.label == label)
         assert int(count.replace(",", "")) == trainable[method]
-        assert int(epochs) >= 1 and float(seconds_cell) > 0
+        assert int(epochs) >= 1 and float(seconds_cell) >= 0  # a cached head step can round to 0.0 s
         assert all(0.0 <= float(value) <= 1.0 for value in dice)
     assert "short demo schedules" in result.stdout
 
