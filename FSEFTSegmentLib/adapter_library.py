@@ -180,7 +180,8 @@ def list_adapters(root: str | os.PathLike | None = None) -> list[dict]:
     return sorted(rows, key=newest, reverse=True)
 
 
-def _size(count: float) -> str:
+def size_text(count: float) -> str:
+    """A byte count as people read it (B, KB, MB, GB; powers of 1000), for the CLI table and the panel."""
     if count < 1000:
         return f"{count:.0f} B"
     for unit in ("KB", "MB"):
@@ -208,7 +209,7 @@ def adapters_table(rows: list[dict], root: str | os.PathLike) -> str:
                 "" if row["k"] is None else str(row["k"]),
                 row["base_model"],
                 (row["created"] or "")[:10],
-                _size(row["size_bytes"]),
+                size_text(row["size_bytes"]),
                 "" if row["training_dice"] is None else f"{row['training_dice']:.3f}",
                 "" if row["loss"] is None else f"{row['loss']:.4f}",
             )

@@ -403,7 +403,7 @@ def adapter_rows(root: str | os.PathLike | None = None) -> list[dict]:
         quality = " / ".join(filter(None, [f"Dice {dice:.3f}" if dice is not None else "", f"loss {loss:.4f}" if loss is not None else ""]))
         rows.append({"path": adapter["path"], "cells": [
             ", ".join(adapter.get("structures") or []), method, str(adapter.get("k", "?")), adapter.get("base_model", "?"),
-            (adapter.get("created") or "")[:16].replace("T", " "), _megabytes(adapter.get("size_bytes", 0)), quality]})
+            (adapter.get("created") or "")[:16].replace("T", " "), adapter_library.size_text(adapter.get("size_bytes") or 0), quality]})
     return rows
 
 
@@ -420,10 +420,6 @@ def adapter_summary(metadata: dict) -> str:
 
 
 ADAPTER_COLUMNS = ("structures", "method", "K", "base model", "created", "size", "training Dice / loss")
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
 
 
 @dataclass
