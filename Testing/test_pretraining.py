@@ -206,6 +206,7 @@ def test_config_loads_and_bad_keys_are_named(tmp_path):
     assert "'architecture.feature'" in _bad_config(tmp_path, {**good, "architecture": {"feature": 3}})
     assert "'absent_class_dice'" in _bad_config(tmp_path, {**good, "absent_class_dice": "no"})
     assert "needs bce_weight" in _bad_config(tmp_path, {**good, "absent_class_dice": False})
+    assert "'synthesis_workers': must not be negative" in _bad_config(tmp_path, {**good, "synthesis_workers": -1})
 
 
 def _lrs(out: Path) -> list[float]:
@@ -304,6 +305,39 @@ def test_the_volume_cache_stores_prepared_volumes_keyed_by_their_inputs(tmp_path
     _file_digest.cache_clear()  # a new process
     _VolumeCache(config, crop, tmp_path / "out" / VOLUME_CACHE_NAME).get(1, 0)
     assert len(list((tmp_path / "out" / VOLUME_CACHE_NAME).glob("B-0-*.pt"))) == 2
+
+
+def test_background_workers_prepare_the_same_volumes_and_the_same_run(tmp_path):
+    config = PretrainConfig.from_yaml(_with_validation(tmp_path, steps=2, synthesis_workers=2, validate_every=2, out="workers"))
+    background, inline = _VolumeCache(config, config.crop), _VolumeCache(config, config.crop)
+    background.prepare_in_background(2)
+    try:
+        assert list(background.pending) == [(0, 1), (0, 0), (1, 0)]  # the validation volume first
+        for key in ((1, 0), (0, 0), (0, 1)):
+            assert torch.equal(background.get(*key).image, inline.get(*key).image)
+            assert torch.equal(background.get(*key).label, inline.get(*key).label)
+        assert not background.pending
+    finally:
+        background.close()
+
+    pretrain(config, Progress())
+    pretrain(PretrainConfig.from_yaml(_with_validation(tmp_path, steps=2, validate_every=2, out="inline")), Progress())
+    for log in ("loss.jsonl", "validation.jsonl"):
+        ours, theirs = ([json.loads(line) for line in (tmp_path / run / log).read_text().splitlines()] for run in ("workers", "inline"))
+        key = "loss" if log == "loss.jsonl" else "mean"
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], abs=1e-5)
+
+
+def test_a_run_from_initial_weights_scores_them_first_and_keeps_only_better_weights(tmp_path):
+    start = PretrainConfig.from_yaml(_with_validation(tmp_path, steps=2, out="start"))
+    pretrain(start, Progress())
+    export_model(start, tmp_path / "start.safetensors")
+    config = PretrainConfig.from_yaml(_with_validation(tmp_path, steps=2, validate_every=2, init="start.safetensors", out="continued"))
+    pretrain(config, Progress())
+    records = [json.loads(line) for line in (tmp_path / "continued" / "validation.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [0, 2] and records[0]["init"] == str(tmp_path / "start.safetensors")
+    assert records[0]["dice"] == validate_checkpoint(start, tmp_path / "start.safetensors")["dice"]  # the weights as given
+    assert (tmp_path / "continued" / "checkpoint-best.pt").exists() == (records[1]["mean"] > records[0]["mean"])
 
 
 def test_main_pretrain_reports_a_bad_config(tmp_path, capsys):
