@@ -39,3 +39,22 @@ screenshots: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The one prepared GPU run (benchmarks/device.py, DEVELOPERS.md): pack here, run there through the
+# device tool (command "make device", carry [".device"], timeout_s 540), collect its files here.
+.PHONY: device device-pack device-dry device-collect
+device-pack: $(STAMP)
+	$(PY) benchmarks/device.py pack
+
+# on the GPU machine: its own python3 (PyTorch with CUDA); what it lacks comes from .device/
+device:
+	python3 benchmarks/device.py run
+
+# here, on the CPU: every step with tiny counts, the CUDA tests skipped with their reason (3-4 minutes)
+device-dry: $(STAMP)
+	$(PY) benchmarks/device.py run --dry-run --out build/device-dry
+	$(PY) benchmarks/device.py collect build/device-dry
+
+device-collect: $(STAMP)
+	test -n "$(FROM)" || { echo "usage: make device-collect FROM=<the reply's files_at folder>"; exit 2; }
+	$(PY) benchmarks/device.py collect $(FROM)

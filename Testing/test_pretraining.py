@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import SHARED_DATA
 
-from FSEFTSegmentLib.errors import Cancelled, InputError
+from FSEFTSegmentLib.errors import Cancelled, FSEFTError, InputError
 from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
 from FSEFTSegmentLib.inference import native_bf16_cpu
 from FSEFTSegmentLib.model.network import Architecture
@@ -338,6 +338,26 @@ def test_a_run_from_initial_weights_scores_them_first_and_keeps_only_better_weig
     assert [record["step"] for record in records] == [0, 2] and records[0]["init"] == str(tmp_path / "start.safetensors")
     assert records[0]["dice"] == validate_checkpoint(start, tmp_path / "start.safetensors")["dice"]  # the weights as given
     assert (tmp_path / "continued" / "checkpoint-best.pt").exists() == (records[1]["mean"] > records[0]["mean"])
+
+
+def test_non_finite_gradients_skip_the_step_and_stop_the_run_after_several(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    start = PretrainConfig.from_yaml(_config(tmp_path, steps=1, out="start"))
+    pretrain(start, Progress())
+    export_model(start, tmp_path / "start.safetensors")
+    tensors = load_file(tmp_path / "start.safetensors")
+    tensors["classifier.bias"][0] = float("nan")  # class 1's logits, and so the loss and every gradient
+    save_file(tensors, str(tmp_path / "poisoned.safetensors"))
+    config = PretrainConfig.from_yaml(_config(tmp_path, steps=8, init="poisoned.safetensors", out="poisoned"))
+    with pytest.raises(FSEFTError, match="5 steps in a row had non-finite gradients"):
+        pretrain(config, Progress())
+    records = [json.loads(line) for line in (tmp_path / "poisoned" / "loss.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(record["skipped"] for record in records)  # the fifth raised before its line
+    kept = torch.load(tmp_path / "poisoned" / "nonfinite-batch.pt", weights_only=True)
+    assert kept["step"] == 1 and kept["images"].shape[0] == config.volumes_per_step * config.crops_per_volume
+    weights = torch.load(tmp_path / "poisoned" / CHECKPOINT_NAME, weights_only=True)["model"]
+    assert torch.equal(weights["classifier.weight"], tensors["classifier.weight"])  # no update was applied
 
 
 def test_main_pretrain_reports_a_bad_config(tmp_path, capsys):

@@ -52,6 +52,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -83,6 +84,8 @@ NO_VALIDATION_VOLUMES = "no dataset has validation volumes (a dataset's 'validat
 MODEL_NAME = "model.pt"
 LOG_NAME = "loss.jsonl"
 VOLUME_CACHE_NAME = "volume-cache"
+NONFINITE_BATCH_NAME = "nonfinite-batch.pt"  # the first batch whose gradients were not finite
+MAX_NONFINITE_STEPS = 5  # skipped steps in a row before the run stops
 
 
 # -------------------------------------------------------------------------------------------- config
@@ -700,6 +703,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
             best = result["mean"]
         model.train()
         last_loss = float("nan")
+        nonfinite_in_a_row = 0
         while step < total:
             stop = bool(should_stop()) if (should_stop is not None and rank == 0) else False
             if distributed:
@@ -718,8 +722,27 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
             loss = partial_label_dice_loss(logits.float(), targets.to(device), annotated.to(device),
                                            bce_weight=config.bce_weight, absent_class_dice=config.absent_class_dice)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            # One non-finite gradient would make every weight NaN for good (seen once in a CPU run, cause
+            # not found): that step is skipped, its batch kept for a look, and several in a row stop the run.
+            # Under DDP the gradients are all-reduced, so every process takes the same decision.
+            gradients = [p.grad for p in network.parameters() if p.grad is not None]
+            finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients)))
+            if finite:
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                progress.warning(f"step {step + 1}: non-finite gradients; the step is skipped (no update)")
+                if rank == 0 and not (out / NONFINITE_BATCH_NAME).exists():
+                    _atomic_save({"step": step + 1, "images": images, "targets": targets, "annotated": annotated,
+                                  "datasets": names}, out / NONFINITE_BATCH_NAME)
+                if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                    save_checkpoint()
+                    raise FSEFTError(f"{MAX_NONFINITE_STEPS} steps in a row had non-finite gradients (from step "
+                                     f"{step + 2 - MAX_NONFINITE_STEPS}); the first such batch is in {out / NONFINITE_BATCH_NAME}")
+            with warnings.catch_warnings():  # a skipped first step: the schedule moves on all the same, on purpose
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before", UserWarning)
+                scheduler.step()
             step += 1
             reported = loss.detach()
             if distributed:
@@ -729,7 +752,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
             if rank == 0:
                 with open(log_path, "a", encoding="utf-8") as log:
                     record = {"step": step, "epoch": (step - 1) // per_epoch + 1, "loss": round(last_loss, 6), "lr": lr_now,
-                              "datasets": names, "seconds": round(time.monotonic() - step_started, 3)}
+                              "datasets": names, "seconds": round(time.monotonic() - step_started, 3), **({} if finite else {"skipped": True})}
                     log.write(json.dumps(record) + "\n")
             progress.step(step / total, f"step {step}/{total}: loss {last_loss:.4f}, lr {lr_now:.2e}")
             if step % config.checkpoint_every == 0 and step < total:
