@@ -47,6 +47,7 @@ import glob
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -75,7 +76,7 @@ from ..progress import Progress, make_progress
 from ..training import CropSampler, _cut, pad_to
 from .loss import partial_label_dice_loss
 from .synthesis import mirror_left_right, synthesize_ct
-from .validation import summary, validate
+from .validation import summary, validate, validation_indices
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
 BEST_NAME = "checkpoint-best.pt"  # the weights with the best mean validation Dice so far
@@ -407,13 +408,9 @@ class _VolumeCache:
 
     def prepare_in_background(self, workers: int) -> None:
         """Start `workers` processes preparing every validation, then every training volume."""
-        from .validation import validation_indices
-
         keys = [(d, i) for d, spec in enumerate(self.config.datasets) for i in validation_indices(spec)]
         keys += [(d, i) for d, spec in enumerate(self.config.datasets) for i in range(spec.volumes)]
         # spawn, not fork: the parent may already hold a CUDA context or torch's thread pools
-        import multiprocessing
-
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_single_threaded)
         self.pending = {key: self.pool.submit(_prepare_volume, self.config, self.crop, self.folder, *key)
                         for key in keys if key not in self.volumes}
@@ -690,17 +687,22 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
         progress.warning("precision bf16 on a CPU without native bfloat16 (AVX512-BF16 or AMX): steps run about 30x "
                          "slower than in float32 here; use precision: auto or fp32")
     cache = _VolumeCache(config, crop, out / VOLUME_CACHE_NAME if config.volume_cache else None)
+
+    def scored(at: int, label: str, **extra) -> dict:
+        """Validate the network now, log it to validation.jsonl and the progress stream."""
+        result = validate(network, config, cache, device)
+        with open(validation_path, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"step": at, **extra, **result}) + "\n")
+        progress.info(f"{label}: {summary(result)}")
+        return result
+
     if config.synthesis_workers:
         cache.prepare_in_background(config.synthesis_workers)
         progress.info(f"{config.synthesis_workers} worker process(es) prepare the volumes in the background")
     try:
         if rank == 0 and config.init and config.validate_every and step == 0 and not _read_log(validation_path):
             # the starting weights' score: checkpoint-best.pt then appears only if training beats them
-            result = validate(network, config, cache, device)
-            with open(validation_path, "a", encoding="utf-8") as log:
-                log.write(json.dumps({"step": 0, "init": config.init, **result}) + "\n")
-            progress.info(f"initial weights: {summary(result)}")
-            best = result["mean"]
+            best = scored(0, "initial weights", init=config.init)["mean"]
         model.train()
         last_loss = float("nan")
         nonfinite_in_a_row = 0
@@ -759,10 +761,7 @@ def _pretrain(config, progress, should_stop, rank, world, distributed) -> dict:
                 save_checkpoint()
             if config.validate_every and (step % config.validate_every == 0 or step == total):
                 if rank == 0:
-                    result = validate(network, config, cache, device)
-                    with open(validation_path, "a", encoding="utf-8") as log:
-                        log.write(json.dumps({"step": step, **result}) + "\n")
-                    progress.info(f"step {step}: {summary(result)}")
+                    result = scored(step, f"step {step}")
                     if result["mean"] > best:
                         best = result["mean"]
                         _atomic_save({**weights(), "validation": result}, out / BEST_NAME)
