@@ -45,16 +45,14 @@ import argparse
 import copy
 import gc
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import SHARED_DATA, clock  # noqa: E402  (beside this script)
 from FSEFTSegmentLib.progress import Progress  # noqa: E402  (stdlib only; needs the path above)
 
-SHARED_DATA = Path(os.environ.get("FSEFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CT_DIR = SHARED_DATA / "real-ct" / "totalseg-abdomen"
 LIVER = 5
 
@@ -239,15 +237,6 @@ def floor_step_seconds(model, cache, crops, steps, precision, channels_last, dev
         torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label).backward()
         times.append(clock(device) - started)
     return round(sum(times[1:]) / steps, 3)
-
-
-def clock(device) -> float:
-    """The time once the device has finished the work queued so far (CUDA runs asynchronously)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def start_gpu_peak(device) -> None:

@@ -207,7 +207,7 @@ def environment_record() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "cpu_count": os.cpu_count(), **device_report()}
 
 
-def cuda_tests(run: Run, dry_run: bool) -> dict:
+def cuda_tests(run: Run) -> dict:
     report = SCRATCH / "cuda-tests.xml"
     outcome = run.bounded([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "Testing/test_cuda.py",
                            f"--junitxml={report}"], min(BUDGETS["cuda-tests"], run.left() - 60))
@@ -313,8 +313,8 @@ def pretrain_child(config_path: Path, deadline: float) -> None:
 
     values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     calibration = calibrate(values)
-    workers, volumes = values["synthesis_workers"], sum(len_labels(d) * d["synthesize"] for d in values["datasets"])
-    synthesis = volumes * 3.5 / workers  # 0.8-6.4 s a volume on one core, measured here
+    volumes = sum(spec.volumes for spec in PretrainConfig.from_yaml(config_path).datasets)
+    synthesis = volumes * 3.5 / values["synthesis_workers"]  # 0.8-6.4 s a volume on one core, measured here
     training = (deadline - time.time()) - synthesis - 30  # the validations, the last checkpoint
     dry_run = values["steps_per_epoch"] == DRY_STEPS_PER_EPOCH
     steps = 3 if dry_run else max(100, int(0.8 * training / calibration["step_seconds"]))
@@ -328,13 +328,6 @@ def pretrain_child(config_path: Path, deadline: float) -> None:
         pretrain(config, JsonProgress(), should_stop=lambda: time.time() > deadline)
     except Cancelled as stopped:
         print(f"stopped at the deadline: {stopped}", flush=True)
-
-
-def len_labels(dataset: dict) -> int:
-    import glob
-
-    labels = dataset["labels"]
-    return len(labels) if isinstance(labels, list) else len(glob.glob(labels))
 
 
 def pretraining(run: Run, data: Path, dry_run: bool) -> dict:
@@ -428,7 +421,7 @@ def run_all(out: Path, dry_run: bool, data: Path) -> None:
     cuda = torch.cuda.is_available()
     if not cuda and not dry_run:
         sys.exit("PyTorch sees no CUDA GPU here: use --dry-run on a CPU")
-    run.step("cuda-tests", cuda_tests, dry_run)
+    run.step("cuda-tests", cuda_tests)
     run.step("timings", timings, "cuda" if cuda else "cpu", dry_run)
     run.step("pretraining", pretraining, data, dry_run)
     run.results["seconds"] = round(time.monotonic() - run.started, 1)

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED_DATA = Path(os.environ.get("FSEFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from common import SHARED_DATA, clock  # noqa: E402  (beside this script)
 CT = SHARED_DATA / "real-ct" / "totalseg-abdomen" / "ct.nii.gz"
 # name: (our predictor?, sw_batch_size, precision, channels_last)
 VARIANTS = {
@@ -109,15 +107,6 @@ def run_variant(name: str, device_name: str, quick: bool, probabilities_out: Pat
     if quick:
         result["quick"] = True
     return result
-
-
-def clock(device) -> float:
-    """The time once the device has finished the work queued so far (CUDA runs asynchronously)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def main() -> None:
