@@ -269,9 +269,14 @@ def test_a_bf16_run_trains_in_mixed_precision_and_keeps_float32_weights(tmp_path
     assert result["steps"] == 1 and np.isfinite(result["last_loss"])
     weights = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values() if tensor.is_floating_point())
     warnings = [json.loads(line)["message"] for line in stream.getvalue().splitlines() if '"warning"' in line]
     # An explicit bf16 is obeyed; where the CPU would emulate it, the user is told what it costs.
-    assert bool(warnings) == (not native_bf16_cpu()) and all("precision: auto" in w for w in warnings)
+    emulation = [w for w in warnings if "precision: auto" in w]
+    assert bool(emulation) == (not native_bf16_cpu())
+    # The only other warning: a step whose gradients were not finite was skipped. Seen now and then under
+    # bf16 autocast on an AVX512-BF16 CPU (a loss that is finite, then NaN weights before the guard).
+    assert all(w == "step 1: non-finite gradients; the step is skipped (no update)" for w in warnings if w not in emulation)
     good = yaml.safe_load((tmp_path / "pretrain.yaml").read_text())
     assert "'precision'" in _bad_config(tmp_path, {**good, "precision": "fp16"})
 
