@@ -78,7 +78,7 @@ def parse_support(image: str, labels: str) -> SupportSpec:
     return SupportSpec(Path(image).expanduser(), Path(path).expanduser(), selector)
 
 
-def _target_mask(spec: SupportSpec, target: Target, single: bool) -> sitk.Image:
+def target_mask(spec: SupportSpec, target: Target, single: bool) -> sitk.Image:
     """The target's mask in the support's label file, by the most specific selector given."""
     selector = target.selector or (spec.selector if single else None)
     if selector is not None:
@@ -99,11 +99,15 @@ class PreparedSupport:
     volumes_ml: list[float]  # per target, on the native grid
 
 
-def prepare_support(spec: SupportSpec, targets: Sequence[Target], preprocessing: CTPreprocessing) -> PreparedSupport:
-    image = read_image(spec.image)
+def prepare_support(
+    spec: SupportSpec, targets: Sequence[Target], preprocessing: CTPreprocessing, image: sitk.Image | None = None, volume=None
+) -> PreparedSupport:
+    """The support in model space with its provenance; `image` and its preprocessed `volume` may be
+    given when already read (the experiment harness reuses them across tasks)."""
+    image = read_image(spec.image) if image is None else image
     masks = []
     for target in targets:
-        mask = _target_mask(spec, target, single=len(targets) == 1)
+        mask = target_mask(spec, target, single=len(targets) == 1)
         if not same_grid(mask, image, spacing_rtol=LABEL_GRID_TOLERANCE, origin_atol=LABEL_GRID_TOLERANCE, direction_atol=LABEL_GRID_TOLERANCE):
             raise InputError(
                 f"label grid differs from its image {spec.image.name} (size {mask.GetSize()} vs {image.GetSize()}, "
@@ -115,7 +119,7 @@ def prepare_support(spec: SupportSpec, targets: Sequence[Target], preprocessing:
             raise InputError(f"the label for '{target.structure.name}' is empty", spec.labels)
         masks.append(array)
     stacked = np.stack(masks).astype(np.uint8)
-    volume = preprocessing(image)
+    volume = preprocessing(image) if volume is None else volume
     label = preprocessing.masks_to_model_space(stacked, image, volume)
     for target, channel in zip(targets, label):
         if not channel.any():

@@ -229,6 +229,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from .experiment import load_config, run_experiment
+    from .progress import make_progress
+
+    def numbers(text: str | None, option: str) -> list[int] | None:
+        try:
+            return None if text is None else [int(item) for item in _split_list(text)]
+        except ValueError:
+            raise InputError(f"--{option} {text!r}: expected comma-separated whole numbers") from None
+
+    config = load_config(args.config).narrowed(
+        tasks=_split_list(args.tasks) if args.tasks else None,
+        methods=_split_list(args.methods) if args.methods else None,
+        shots=numbers(args.shots, "shots"),
+        draws=numbers(args.draws, "draws"),
+    )
+    out = Path(args.out) if args.out else Path(f"fseft-experiment-{config.name}")
+    result = run_experiment(config, out, args.device, make_progress(args.progress), dry_run=args.dry_run)
+    if result.table:
+        print(result.table)
+        print(f"results (runs/, runs.csv, table.md, plots/): {out.absolute()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fseft", description="Few-shot CT organ segmentation with a foundation model.")
     parser.add_argument("--version", action="version", version=f"fseft {__version__}")
@@ -293,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--validate", action="store_true", help="instead of training: print the per-class Dice of the run's latest weights on its validation volumes")
     pretrain.add_argument("--checkpoint", metavar="FILE.pt", help="with --export or --validate: this checkpoint instead of the latest (e.g. checkpoint-best.pt); --validate also takes exported .safetensors weights")
     pretrain.set_defaults(run=cmd_pretrain)
+
+    experiment = commands.add_parser("experiment", help="the paper's few-shot protocol: structures x K x draws x methods, resumable, one table")
+    experiment.add_argument("--config", required=True, help="experiment YAML (see Resources/experiments/)")
+    experiment.add_argument("--out", help="results folder; a rerun into it skips finished runs (default: fseft-experiment-<name> here)")
+    experiment.add_argument("--tasks", help="only these tasks of the config (comma-separated)")
+    experiment.add_argument("--methods", help="only these methods of the config (comma-separated)")
+    experiment.add_argument("--shots", help="only these K values of the config (comma-separated)")
+    experiment.add_argument("--draws", help="only these draw seeds of the config (comma-separated)")
+    experiment.add_argument("--device", help="auto, cpu or cuda (default: the config's, else auto)")
+    experiment.add_argument("--dry-run", action="store_true", help="check the config and print what would run, then stop")
+    experiment.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
+    experiment.set_defaults(run=cmd_experiment)
 
     demo = commands.add_parser("demo", help="offline demo: adapt the bundled model on phantoms with four methods, K = 1 and 5 (about 5 minutes on a CPU)")
     demo.add_argument("--quick", action="store_true", help="smaller phantoms, K = 1 and 2, a few steps (under a minute)")

@@ -225,6 +225,12 @@ def dice(predicted: np.ndarray, reference: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(predicted & reference)) / total if total else 1.0
 
 
+def paper_dice(predicted: np.ndarray, reference: np.ndarray) -> float:
+    """The paper's Dice, 2|P∩G| / (|P| + |G| + 1) (+1 in the denominator only): both empty give 0."""
+    total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(reference))
+    return 2.0 * int(np.count_nonzero(predicted & reference)) / (total + 1)
+
+
 def score_masks(name: str, pred: sitk.Image, ref: sitk.Image, tolerance_mm: float = 2.0) -> StructureScore:
     """Metrics of two binary masks on the same grid (the reference's spacing is used)."""
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice

@@ -276,6 +276,8 @@ class FeatureCache:
         if any(n < roi for n in self.shape):
             raise ValueError(f"volume {self.shape} is smaller than the window {roi}: pad it first")
         self.channels = network.architecture.feature_size
+        #: where the unpadded volume lies in the cache: (offset, shape); `cache_features` sets it
+        self.valid: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 0, 0), self.shape)
         self.nbytes = math.prod(self.shape) * self.channels * 2
         self._file = None
         if self.nbytes > spill_bytes:
@@ -414,8 +416,10 @@ def cache_features(
     `TrainingCase.features` when several black-box heads train on the same supports and network.
     The caller closes it."""
     volume = case.volume.as_tensor() if hasattr(case.volume, "as_tensor") else case.volume
-    padded, _ = pad_to(volume.float(), _padded_size(settings, network.architecture))
-    return _feature_cache(network, padded, device, settings, should_stop, on_window)
+    padded, offset = pad_to(volume.float(), _padded_size(settings, network.architecture))
+    cache = _feature_cache(network, padded, device, settings, should_stop, on_window)
+    cache.valid = (offset, tuple(volume.shape[-3:]))
+    return cache
 
 
 def _feature_cache(network, volume, device, settings: TrainingSettings, should_stop, on_window) -> FeatureCache:
@@ -715,6 +719,9 @@ def _cache_features(model, prepared, queries, query_states, settings, device, ca
             jobs.append((support.case, support.volume, support, None))
     if settings.size_prior:
         for case in queries:
+            if case.features is not None:  # precomputed (`cache_features`): pooled as it is, left open
+                query_states.append(_query_state(case, case.features))
+                continue
             volume = case.volume.as_tensor() if hasattr(case.volume, "as_tensor") else case.volume
             padded, offset = pad_to(volume.float(), roi)
             jobs.append((case, padded, None, (offset, tuple(volume.shape[-3:]))))
@@ -734,12 +741,17 @@ def _cache_features(model, prepared, queries, query_states, settings, device, ca
             support.cache, support.owns_cache = cache, True  # closed by adapt() when training ends, however it ends
             continue
         with cache:
-            pooled = cache.pooled(2)
-        (offset, shape) = query
-        valid = torch.zeros((1, 1, *volume.shape[-3:]))
-        valid[(0, 0, *(slice(o, o + n) for o, n in zip(offset, shape)))] = 1
-        cover = F.avg_pool3d(valid, 2, ceil_mode=True, divisor_override=1)[0, 0]
-        query_states.append(_Query(case, pooled, cover))
+            cache.valid = query
+            query_states.append(_query_state(case, cache))
+
+
+def _query_state(case: TrainingCase, cache: FeatureCache) -> _Query:
+    """A query's pooled features and, per pooled cell, how many voxels of the unpadded query it covers."""
+    offset, shape = cache.valid
+    valid = torch.zeros((1, 1, *cache.shape))
+    valid[(0, 0, *(slice(o, o + n) for o, n in zip(offset, shape)))] = 1
+    cover = F.avg_pool3d(valid, 2, ceil_mode=True, divisor_override=1)[0, 0]
+    return _Query(case, cache.pooled(2), cover)
 
 
 def _query_sizes(model, query: _Query, device, cast, memory_format) -> torch.Tensor:
