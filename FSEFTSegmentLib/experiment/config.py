@@ -12,9 +12,11 @@ The keys (the shipped files under `Resources/experiments/` document them in use)
   `cases` (a list of ids; default: every id the `image` template matches under `root`); or
   `phantoms: {count, size, seed}`: procedural phantoms written into the output folder (offline).
 * `tasks`: each with `name`, `structures` (a list of names, or a mapping name -> label value or
-  segment name), optional `group`, and its split: `train` and `test` as lists of case ids, or as
-  counts drawn from the data's cases with `split_seed` (default 42), test cases first.
-* `shots` (K values), `draws` (support-draw seeds), `methods` (see `MethodSpec`).
+  segment name; names from the universal template unless the task says `novel: true`), optional `group`, and its split: `train` and `test` as lists of case ids, or as
+  counts drawn with `split_seed` (default 42), test cases first, from the task's own `cases` (e.g.
+  those whose field of view shows the structure) or else the data's.
+* `shots` (K values), `draws` (support-draw seeds), `methods` (see `MethodSpec`); `all_data_k`: the
+  K that stands for a task's whole training pool (the paper's "30-shot" is all of pancreas' 29).
 * `training`: `TrainingSettings` fields for every run; `method_training`: per base method (e.g.
   `lora`), fields that override `training` for that method.
 * `scoring`: `spaces` (`model_space`, the paper's; `native`, the clinical grid), `largest_component`
@@ -135,6 +137,7 @@ class ExperimentConfig:
     data: DataLayout
     tasks: tuple[Task, ...]
     shots: tuple[int, ...]
+    all_data_k: int | None  # the K that means a task's whole training pool (the paper's "30-shot"), whatever its size
     draws: tuple[int, ...]
     methods: tuple[MethodSpec, ...]
     training: dict = field(default_factory=dict)
@@ -187,7 +190,7 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
     return parse_config(values, path)
 
 
-KEYS = {"name", "model", "device", "data", "tasks", "shots", "draws", "methods", "training", "method_training",
+KEYS = {"all_data_k", "name", "model", "device", "data", "tasks", "shots", "draws", "methods", "training", "method_training",
         "scoring", "table_metric", "feature_cache"}
 
 
@@ -210,6 +213,9 @@ def parse_config(values: Any, source: Path) -> ExperimentConfig:
     draws = tuple(_ints(values.get("draws", [0, 1, 2]), "draws", fail))
     if len(set(draws)) != len(draws):
         fail("draws", "draw seeds must be unique")
+    all_data_k = values.get("all_data_k")
+    if all_data_k is not None and all_data_k not in shots:
+        fail("all_data_k", "must be one of the shots")
     methods = []
     for label in _list(values, "methods", fail):
         try:
@@ -220,8 +226,8 @@ def parse_config(values: Any, source: Path) -> ExperimentConfig:
         fail("methods", "a method is listed twice")
     for task in tasks:
         pool = len(task.train)
-        if (too_large := [k for k in shots if k > pool]):
-            fail("shots", f"K = {too_large[0]} is larger than task '{task.name}''s training pool of {pool} cases")
+        if (too_large := [k for k in shots if k > pool and k != all_data_k]):
+            fail("shots", f"K = {too_large[0]} is larger than the training pool of task '{task.name}' ({pool} cases)")
     training = _settings(values.get("training") or {}, "training", fail)
     method_training = {}
     for name, overrides in (values.get("method_training") or {}).items():
@@ -243,6 +249,7 @@ def parse_config(values: Any, source: Path) -> ExperimentConfig:
         data=data,
         tasks=tasks,
         shots=shots,
+        all_data_k=all_data_k,
         draws=draws,
         methods=tuple(methods),
         training=training,
@@ -297,7 +304,10 @@ def _data_layout(data: Any, base: Path, fail) -> DataLayout:
     for key in ("image", "labels"):
         if "{case}" not in data[key]:
             fail(f"data.{key}", "must contain {case}")
-    root = Path(os.path.expandvars(data["root"])).expanduser()
+    expanded = os.path.expandvars(data["root"])
+    if unset := re.search(r"\$\{?(\w+)", expanded):
+        fail("data.root", f"the environment variable {unset.group(1)} is not set (it names the data folder)")
+    root = Path(expanded).expanduser()
     root = root if root.is_absolute() else base / root
     if not root.is_dir():
         fail("data.root", f"no such folder: {root}")
@@ -327,20 +337,25 @@ def _cases(data: dict, layout: DataLayout, fail) -> list[str]:
 def _task(entry: Any, key: str, cases: list[str], data: DataLayout, fail) -> Task:
     if not isinstance(entry, dict) or not entry.get("name"):
         fail(key, "each task needs a name, its structures and its train/test split")
-    if unknown := sorted(set(entry) - {"name", "structures", "group", "train", "test", "split_seed"}):
-        fail(f"{key}.{unknown[0]}", "unknown key (known: name, structures, group, train, test, split_seed)")
+    task_keys = {"name", "structures", "novel", "group", "cases", "train", "test", "split_seed"}
+    if unknown := sorted(set(entry) - task_keys):
+        fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(task_keys))})")
+    if "cases" in entry:  # the task's own pool (e.g. the cases that show the structure), split by counts
+        if not isinstance(entry["cases"], list) or not entry["cases"]:
+            fail(f"{key}.cases", "must be a non-empty list of case ids")
+        if unknown_cases := [str(c) for c in entry["cases"] if str(c) not in cases]:
+            fail(f"{key}.cases", f"case '{unknown_cases[0]}' is not among the data's cases")
+        cases = [str(c) for c in entry["cases"]]
     raw = entry.get("structures") or [entry["name"]]
     pairs = list(raw.items()) if isinstance(raw, dict) else [(name, None) for name in raw] if isinstance(raw, list) else None
     if not pairs:
         fail(f"{key}.structures", "a list of structure names or a mapping name -> label value / segment")
     structures, selectors = [], []
     for name, selector in pairs:
-        try:
-            structures.append(resolve_structure(str(name)))
-        except InputError:
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", str(name)):
-                fail(f"{key}.structures", f"unknown structure '{name}' (a novel one needs a plain name: letters, digits, _ -)")
-            structures.append(novel_structure(str(name)))
+        try:  # a typo must not turn a known organ into a "novel" one: new structures are declared
+            structures.append(novel_structure(str(name)) if entry.get("novel") else resolve_structure(str(name)))
+        except InputError as error:
+            fail(f"{key}.structures", f"{error}; mark a structure outside the template with novel: true")
         selectors.append(None if selector is None else str(selector))
     if data.per_structure_files and any(s is not None for s in selectors):
         fail(f"{key}.structures", "labels are one file per structure ({structure} in data.labels): give names only")

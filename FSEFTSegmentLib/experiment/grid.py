@@ -3,8 +3,9 @@
 Draws (paper-facts section 10): a draw's seed permutes the task's sorted training pool; the first K
 cases are the supports and the next one is the draw's validation volume (recorded; early stopping
 uses the training loss, as the paper's default). The same seed gives nested support sets across K,
-so K = 5 extends K = 1. K equal to the pool is the paper's "all data" setting: its code trains on all
-but the validation volume (its "30-shot" on 29 of 30) and runs it once, with the first draw's seed.
+so K = 5 extends K = 1. K equal to the pool (or `all_data_k`) is the paper's "all data" setting: its
+code trains on all but the validation volume (its "30-shot" on 29 of 30) and runs it once, with the
+first draw's seed.
 Zero-shot depends on neither K nor the draw: one run per task, stored with k = 0 and draw 0.
 
 Keys: a run's key hashes everything that decides its result (model weights, the task's structures
@@ -80,9 +81,9 @@ def plan_runs(config: ExperimentConfig, known: set[str]) -> tuple[list[RunSpec],
                     notes.append(f"zero-shot left out for task '{task.name}': the model has no output for its structure(s)")
                 continue
             for k in config.shots:
-                draws = config.draws[:1] if k >= len(task.train) else config.draws
-                for draw in draws:
-                    runs.append(RunSpec(task, method, k, draw, *draw_supports(task.train, k, draw)))
+                whole = k >= len(task.train) or k == config.all_data_k
+                for draw in config.draws[:1] if whole else config.draws:
+                    runs.append(RunSpec(task, method, k, draw, *draw_supports(task.train, len(task.train) if whole else k, draw)))
     return runs, notes
 
 
