@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, listed
 from .io.files import atomic_write, sha256_file
 from .registry_file import cache_dir
 
@@ -489,7 +489,6 @@ def read_zip_metadata(zip_path: str | os.PathLike) -> dict:
 
 def _check_base_and_tensors(contents: _Contents, zip_path: Path) -> None:
     """The base model is known here, and the tensors are exactly what the method trains on it (torch)."""
-    from .adapters import _listed
     from .methods.summary import adapted_on_meta
     from .model.registry import list_models, load_registry
 
@@ -523,7 +522,7 @@ def _check_base_and_tensors(contents: _Contents, zip_path: Path) -> None:
         ("mis-shaped", sorted(f"{k} {found[k]} != {expected[k]}" for k in set(expected) & set(found) if found[k] != expected[k])),
     ):
         if keys:
-            problems.append(f"{len(keys)} {label}: {_listed(keys)}")
+            problems.append(f"{len(keys)} {label}: {listed(keys)}")
     if problems:
         raise InputError(
             f"tensors do not fit a {metadata['method']} adapter with {len(rows)} structure(s) on {known[digest]}: " + "; ".join(problems),

@@ -14,6 +14,9 @@ elsewhere the old folder is first renamed aside, which leaves a window of a few 
 which the path does not exist (never one in which it holds a mix of old and new files).
 Loading is strict: the base model's sha256 must match, and the tensors must be exactly the
 trainable tensors of the rebuilt model, with equal shapes.
+
+Prediction with adapters is a layer above (`prediction.predict_with_adapters`): it imports this
+module, never the other way round.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import errno
 import json
 import os
 import platform
@@ -36,14 +40,13 @@ import torch
 
 from . import __version__
 from .adapter_library import FORMAT, METADATA_FILE, TENSORS_FILE, check_metadata
-from .errors import FSEFTError, InputError, ModelError
+from .errors import FSEFTError, InputError, ModelError, listed
 from .labels import Structure, novel_structure, resolve_structure
 from .methods import get_method
 from .methods.adapted import AdaptedModel
 from .model.network import FoundationSwinUNETR
-from .model.registry import model_sha256, sha256_file  # noqa: F401 - model_sha256 re-exported
+from .io.files import ensure_folder, sha256_file
 
-MAX_LISTED_KEYS = 6
 
 
 class BaseModelInfo(TypedDict):
@@ -205,10 +208,10 @@ def save_adapter(folder: str | os.PathLike, model: AdaptedModel, metadata: dict)
     from safetensors.torch import save_file
 
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.trainable_state().items()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder.parent)
     staging = folder.with_name(f".{folder.name}.saving-{secrets.token_hex(4)}")
-    staging.mkdir()
     try:
+        staging.mkdir()
         save_file(tensors, str(staging / TENSORS_FILE), metadata={"format": str(FORMAT), "method": model.method.name})
         document: dict[str, Any] = {"format": FORMAT, **{k: v for k, v in metadata.items() if k != "format"}}
         document.update(
@@ -229,8 +232,11 @@ def save_adapter(folder: str | os.PathLike, model: AdaptedModel, metadata: dict)
                 os.fsync(stream.fileno())
         _fsync_folder(staging)
         _install(staging, folder)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) or "I/O error" in str(error):  # safetensors words a full disk its own way
+            reason = os.strerror(errno.ENOSPC) if "No space left" in str(error) else getattr(error, "strerror", None) or str(error)
+            raise InputError(f"cannot write the adapter ({reason})", folder) from None
         raise
     _fsync_folder(folder.parent)
     return folder
@@ -287,9 +293,6 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     return metadata
 
 
-def _listed(keys: Sequence[str]) -> str:
-    return ", ".join(keys[:MAX_LISTED_KEYS]) + (f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
-
 
 def check_base_model(folder: str | os.PathLike, metadata: dict, base_sha256: str) -> None:
     """Refuse (ModelError) an adapter trained on another base model than the one loaded."""
@@ -338,7 +341,7 @@ def load_adapter(folder: str | os.PathLike, network: FoundationSwinUNETR, base_s
     wrong_type = sorted(k for k in set(expected) & set(tensors) if not tensors[k].is_floating_point())
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped), ("not floating point", wrong_type)):
         if keys:
-            problems.append(f"{len(keys)} {label}: {_listed(keys)}")
+            problems.append(f"{len(keys)} {label}: {listed(keys)}")
     if problems:
         raise InputError(f"tensors do not fit a {metadata['method']} adapter with {len(rows)} structure(s) on this base model: " + "; ".join(problems), tensors_path)
     parameters = dict(model.named_parameters())
@@ -356,10 +359,3 @@ def load_adapters(folders: Sequence[str | os.PathLike], network: FoundationSwinU
         own = needs_own_network(read_metadata(folder))
         loaded.append(load_adapter(folder, copy.deepcopy(network) if own else network, base_sha256))
     return loaded
-
-
-def predict_with_adapters(*args, **kwargs):
-    """`prediction.predict_with_adapters`, reachable from here too (imported lazily: prediction is a layer above)."""
-    from .prediction import predict_with_adapters as predict
-
-    return predict(*args, **kwargs)

@@ -71,7 +71,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .model import registry
+    from .model import download, registry
     from .progress import make_progress
 
     if args.action == "list":
@@ -92,7 +92,7 @@ def cmd_models(args) -> int:
         return 0
     if not args.name:
         raise InputError("usage: fseft models pull NAME")
-    path = registry.pull_model(args.name, make_progress(args.progress), force=args.force)
+    path = download.pull_model(args.name, make_progress(args.progress), force=args.force)
     print(f"{args.name}: {path}")
     return 0
 
@@ -131,6 +131,7 @@ def cmd_device(args) -> int:
 
 def cmd_adapt(args) -> int:
     from .adaptation import parse_support, parse_target, run_adaptation
+    from .io.files import ensure_folder
     from .adapters import save_adapter
     from .inference import choose_device
     from .methods import get_method
@@ -146,6 +147,7 @@ def cmd_adapt(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "adapter.json").exists())):
         raise InputError("exists and is not an adapter folder; choose a new --out", out)
+    ensure_folder(out.parent)  # before minutes of training, not after
     device = choose_device(args.device)
     args.model = args.model or default_model()
     progress.info(f"loading model {args.model}")
@@ -170,7 +172,7 @@ def cmd_adapt(args) -> int:
         sizes = ", ".join(f"{query} {size['ml']:.1f} mL" for query, size in prior["queries"].items())
         progress.info(f"size prior {structure}: S = {prior['prior_ml']:.1f} mL (allowed {low:.1f}-{high:.1f} mL); predicted: {sizes}", size_prior={structure: prior})
     if args.predict_queries and args.query:
-        from .adapters import predict_with_adapters
+        from .prediction import predict_with_adapters
 
         predict_with_adapters(network_ref=args.model, adapters=[path], inputs=args.query, out=path / "predictions", device=device, progress=progress)
     progress.emit("adapter", path=str(path), message=f"adapter written to {path}")
@@ -198,7 +200,8 @@ def cmd_methods(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretraining.loop import PretrainConfig, export_model, pretrain_until_signalled, validate_checkpoint
+    from .pretraining.config import PretrainConfig
+    from .pretraining.loop import export_model, pretrain_until_signalled, validate_checkpoint
     from .pretraining.validation import table
     from .progress import make_progress
 

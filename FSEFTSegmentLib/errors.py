@@ -8,6 +8,7 @@ Anything else escaping is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 
 class FSEFTError(Exception):
@@ -48,3 +49,8 @@ class Cancelled(FSEFTError):
     """The user interrupted the run; nothing half-written was left behind."""
 
     exit_code = 130
+
+
+def listed(items: Sequence[str], most: int = 6) -> str:
+    """The first `most` items for a one-line error, and how many more there are."""
+    return ", ".join(items[:most]) + (f" (+{len(items) - most} more)" if len(items) > most else "")

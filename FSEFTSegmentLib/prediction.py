@@ -23,9 +23,10 @@ import numpy as np
 import SimpleITK as sitk
 from torch import nn
 
+from .adapters import adapter_structures, expected_volumes, load_adapters, recorded_base_model
 from .errors import FSEFTError, InputError
 from .inference import Head, InferenceSettings, SegmentationPredictor
-from .io.files import atomic_write
+from .io.files import atomic_write, ensure_folder
 from .io.images import ct_plausibility, read_image
 from .io.segmentations import header_text, write_label_map, write_label_table, write_segmentation
 from .io.studies import Study
@@ -84,8 +85,6 @@ def plan_outputs(
     model's classes; without `names`, every structure of every adapter. One `Head` per output:
     the heads of one adapter (and the base rows) run once per window however they are selected.
     """
-    from .adapters import adapter_structures, expected_volumes
-
     base = model_structures(network.architecture)
     base_names = [s.name for s in base]
     if not adapters:
@@ -198,26 +197,31 @@ def write_outputs(
     """Each requested format, written atomically; the list of files written. With `quality` (see
     `assess_quality`), the .seg.nrrd segments carry it as tags and `<study>.fseft.json` holds it
     (with every structure's volume when `volumes` are given)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if "seg.nrrd" in formats:
-        path = out_dir / f"{study_id}.seg.nrrd"
-        write_segmentation(path, masks, image, structures, segment_tags=quality_tags(structures, quality) if quality else None)
-        written.append(path)
-    if "nii.gz" in formats:
-        path = out_dir / f"{study_id}.nii.gz"
-        write_label_map(path, masks, image, structures)
-        table = out_dir / f"{study_id}.labels.json"
-        write_label_table(table, structures)
-        written += [path, table]
-    if quality:
-        path = out_dir / f"{study_id}.fseft.json"
-        document = {"study": study_id, "quality": dict(quality)}
-        if volumes is not None:
-            document["volumes_ml"] = {s.name: round(v, 3) for s, v in zip(structures, volumes)}
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        written.append(path)
+    ensure_folder(out_dir)
+    written: list[Path] = []
+    try:
+        if "seg.nrrd" in formats:
+            path = out_dir / f"{study_id}.seg.nrrd"
+            write_segmentation(path, masks, image, structures, segment_tags=quality_tags(structures, quality) if quality else None)
+            written.append(path)
+        if "nii.gz" in formats:
+            path = out_dir / f"{study_id}.nii.gz"
+            write_label_map(path, masks, image, structures)
+            table = out_dir / f"{study_id}.labels.json"
+            write_label_table(table, structures)
+            written += [path, table]
+        if quality:
+            path = out_dir / f"{study_id}.fseft.json"
+            document = {"study": study_id, "quality": dict(quality)}
+            if volumes is not None:
+                document["volumes_ml"] = {s.name: round(v, 3) for s, v in zip(structures, volumes)}
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            written.append(path)
+    except BaseException:  # a study's results are all there or none is: a later format failed
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return written
 
 
@@ -237,6 +241,7 @@ def predict_studies(
     its pass). `expected_volumes_ml` (structure name -> (low, high)) turns on the quality flag."""
     progress = progress or predictor.progress
     result = BatchResult()
+    ensure_folder(out_dir)  # before any study: a folder that cannot be made is the batch's one error
     progress.emit("start", studies=len(studies), structures=[s.name for s in structures], out=str(out_dir))
     for number, study in enumerate(studies, 1):
         started = time.monotonic()
@@ -251,7 +256,7 @@ def predict_studies(
             quality = assess_quality(structures, volumes, expected_volumes_ml or {})
             written = write_outputs(masks, image, structures, out_dir, study.id, formats, quality, volumes)
         except FSEFTError as error:
-            result.failures[study.id] = str(error)
+            result.failures[study.id] = str(error) + (f" (listed in {study.listed_in})" if study.listed_in else "")
         except Exception as error:  # noqa: BLE001 - one broken study must not end the batch
             result.failures[study.id] = f"{study.path}: unexpected {type(error).__name__}: {error}"
         if study.id in result.failures:
@@ -313,7 +318,6 @@ def predict_with_adapters(
     those `structures` names (see `plan_outputs`)."""
     import torch
 
-    from .adapters import load_adapters, recorded_base_model
     from .inference import choose_device
     from .io.studies import expand_inputs
     from .model import load_foundation_model

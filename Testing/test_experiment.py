@@ -143,6 +143,29 @@ def test_a_missing_case_file_is_named(tmp_path, capsys):
     assert error.endswith(f"case 'c2': no such file {tmp_path / 'data' / 'c2.labels.nii.gz'}") and "\n" not in error
 
 
+def test_a_run_that_fails_on_its_data_names_the_run_and_the_file(tmp_path, capsys):
+    """A test case whose label lacks the structure: found when the run reads it, one line, exit 2."""
+    import SimpleITK as sitk
+
+    from FSEFTSegmentLib.pretraining.phantoms import phantom_dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for n, (image, labels) in enumerate(phantom_dataset(3, 0, size=(64, 64, 48))):
+        sitk.WriteImage(image, str(data / f"c{n}.nii.gz"))
+        sitk.WriteImage(labels * 0 if n == 2 else labels, str(data / f"c{n}.labels.nii.gz"))
+    config = tmp_path / "empty.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "fseft-mini", "data": {"root": "data", "image": "{case}.nii.gz", "labels": "{case}.labels.nii.gz"},
+        "tasks": [{"name": "spleen", "structures": {"spleen": 1}, "train": ["c0", "c1"], "test": ["c2"]}],
+        "shots": [1], "draws": [0], "methods": ["linear-probe"], "training": {"max_epochs": 1}}))
+    assert main(["experiment", "--config", str(config), "--out", str(tmp_path / "out"), "--progress", "none"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("fseft: error: spleen / linear-probe / K=1 / draw 0: ") and "\n" not in error, error
+    assert f"{data / 'c2.labels.nii.gz'}: has no voxel with label 1" in error and error.endswith("(0 finished run(s) are kept)")
+    assert not list((tmp_path / "out").rglob("*.json"))
+
+
 def test_narrowing_to_something_the_config_lacks_is_refused(tmp_path, capsys):
     config = folder_config(tmp_path)
     assert main(["experiment", "--config", str(config), "--methods", "lora", "--out", str(tmp_path / "out")]) == 2

@@ -22,13 +22,10 @@ from FSEFTSegmentLib.errors import Cancelled, FSEFTError, InputError
 from FSEFTSegmentLib.model.checkpoint import build_from_checkpoint
 from FSEFTSegmentLib.inference import native_bf16_cpu
 from FSEFTSegmentLib.model.network import Architecture
+from FSEFTSegmentLib.pretraining.config import DatasetSpec, PretrainConfig, validation_indices
 from FSEFTSegmentLib.pretraining.loop import (
     CHECKPOINT_NAME,
     VOLUME_CACHE_NAME,
-    DatasetSpec,
-    PretrainConfig,
-    _VolumeCache,
-    _file_digest,
     export_model,
     lr_factor,
     main_pretrain,
@@ -37,7 +34,8 @@ from FSEFTSegmentLib.pretraining.loop import (
     validate_checkpoint,
 )
 from FSEFTSegmentLib.pretraining.loss import partial_label_dice_loss
-from FSEFTSegmentLib.pretraining.validation import summary, table, validate, validation_indices
+from FSEFTSegmentLib.pretraining.validation import summary, table, validate
+from FSEFTSegmentLib.pretraining.volume_cache import _file_digest, _VolumeCache
 from FSEFTSegmentLib.progress import JsonProgress, Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -539,7 +537,7 @@ def test_lr_holds_until_every_class_reaches_the_dice_then_decays(tmp_path):
 def test_single_label_is_split_into_left_and_right(tmp_path):
     """Both spheres labelled as one organ: the one on the patient's left (higher i in LPS, lower axis-0
     index after RAS) becomes the left organ's id; the volume is cached in model space."""
-    from FSEFTSegmentLib.pretraining.loop import _VolumeCache
+    from FSEFTSegmentLib.pretraining.volume_cache import _VolumeCache
 
     _config(tmp_path)
     values = {

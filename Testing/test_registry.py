@@ -26,6 +26,7 @@ from FSEFTSegmentLib.errors import DownloadError, InputError, ModelError
 from FSEFTSegmentLib.model import (
     Architecture,
     FoundationSwinUNETR,
+    download,
     load_foundation_model,
     registry,
 )
@@ -111,8 +112,8 @@ def env(server, blobs, tmp_path, monkeypatch):
     registry_file.write_text(json.dumps({"models": models}))
     monkeypatch.setenv("FSEFT_REGISTRY", str(registry_file))
     monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(registry, "RETRY_DELAY_S", 0.0)
-    monkeypatch.setattr(registry, "TIMEOUT_S", 10.0)
+    monkeypatch.setattr(download, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(download, "TIMEOUT_S", 10.0)
     server.files["tofu.pth"] = good
     return tmp_path
 
@@ -126,7 +127,7 @@ def _files_under(path: Path) -> list[Path]:
 
 def test_pull_downloads_with_progress_and_record(env, server, blobs):
     progress = Recorder()
-    path = registry.pull_model("tiny", progress)
+    path = download.pull_model("tiny", progress)
     assert path == registry.cache_dir() / "models" / "tiny" / "weights.pth"
     assert path.read_bytes() == blobs["tiny.pth"]
     steps = [fields for kind, fields in progress.events if kind == "progress"]
@@ -141,7 +142,7 @@ def test_resume_after_dropped_connection(env, server, blobs):
     half = len(blobs["tiny.pth"]) // 2
     server.drop_after = half
     progress = Recorder()
-    path = registry.pull_model("tiny", progress)
+    path = download.pull_model("tiny", progress)
     assert path.read_bytes() == blobs["tiny.pth"]
     (_, first), (_, second) = server.requests
     assert "Range" not in first and second["Range"] == f"bytes={half}-"
@@ -149,14 +150,14 @@ def test_resume_after_dropped_connection(env, server, blobs):
 
 
 def test_resume_in_a_later_run_and_restart_when_range_ignored(env, server, blobs, monkeypatch):
-    monkeypatch.setattr(registry, "RETRIES", 0)
+    monkeypatch.setattr(download, "RETRIES", 0)
     server.drop_after = 1000
     with pytest.raises(DownloadError, match="run the same command again to resume"):
-        registry.pull_model("tiny")
+        download.pull_model("tiny")
     part = registry.cache_dir() / "models" / "tiny" / "weights.pth.part"
     assert part.stat().st_size == 1000
     server.ignore_range = True  # answers the Range request with the whole file: start over
-    assert registry.pull_model("tiny").read_bytes() == blobs["tiny.pth"]
+    assert download.pull_model("tiny").read_bytes() == blobs["tiny.pth"]
     assert server.requests[-1][1]["Range"] == "bytes=1000-" and not part.exists()
 
 
@@ -164,13 +165,13 @@ def test_unresumable_part_is_restarted(env, server, blobs):
     part = registry.cache_dir() / "models" / "tiny" / "weights.pth.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(b"x" * (len(blobs["tiny.pth"]) + 10))  # longer than the file: the server answers 416
-    assert registry.pull_model("tiny").read_bytes() == blobs["tiny.pth"]
+    assert download.pull_model("tiny").read_bytes() == blobs["tiny.pth"]
     assert [headers.get("Range") for _, headers in server.requests] == [f"bytes={len(blobs['tiny.pth']) + 10}-", None]
 
 
 @pytest.mark.parametrize("name, confirm_path", [("drive", "/drive/download"), ("drive-old", "/old/uc")])
 def test_google_drive_confirmation(env, server, blobs, name, confirm_path):
-    path = registry.pull_model(name)
+    path = download.pull_model(name)
     assert path.read_bytes() == blobs["tiny.pth"]
     (_, page), (confirmed, headers) = server.requests
     assert "Cookie" not in page
@@ -179,25 +180,25 @@ def test_google_drive_confirmation(env, server, blobs, name, confirm_path):
 
 def test_web_page_instead_of_file(env, server):
     with pytest.raises(DownloadError, match="web page instead of the file") as caught:
-        registry.pull_model("quota")
+        download.pull_model("quota")
     assert server.url("/quota") in str(caught.value)
 
 
 def test_sha256_mismatch_refused_and_nothing_left(env):
     with pytest.raises(DownloadError, match="differs from the registry's"):
-        registry.pull_model("bad-sha")
+        download.pull_model("bad-sha")
     assert _files_under(registry.cache_dir() / "models") == []
 
 
 def test_trust_on_first_use_then_changed_file_refused(env, server, blobs):
     progress = Recorder()
-    path = registry.pull_model("tofu", progress)
+    path = download.pull_model("tofu", progress)
     assert "trust on first use" in progress.messages("warning")
     record = json.loads((path.parent / "record.json").read_text())
     assert record["files"]["weights.pth"]["sha256"] == _digest(blobs["tiny.pth"])
     server.files["tofu.pth"] = blobs["other.pth"]  # the publisher swapped the file
     with pytest.raises(DownloadError, match="recorded at its first download"):
-        registry.pull_model("tofu", force=True)
+        download.pull_model("tofu", force=True)
     assert path.read_bytes() == blobs["tiny.pth"]  # the verified copy is untouched
     assert sorted(p.name for p in _files_under(path.parent)) == ["record.json", "weights.pth"]
 
@@ -205,22 +206,22 @@ def test_trust_on_first_use_then_changed_file_refused(env, server, blobs):
 @pytest.mark.parametrize("name, problem", [("broken", "missing: classifier.bias"), ("other-shape", "feature_size 12 != 24")])
 def test_wrong_layout_download_refused(env, name, problem):
     with pytest.raises(ModelError, match=re.escape(problem)):
-        registry.pull_model(name)
+        download.pull_model(name)
     assert _files_under(registry.cache_dir() / "models") == []
 
 
 def test_already_present_is_not_downloaded_again(env, server):
-    registry.pull_model("tiny")
+    download.pull_model("tiny")
     server.requests.clear()
     progress = Recorder()
-    registry.pull_model("tiny", progress)
+    download.pull_model("tiny", progress)
     assert server.requests == []
     assert "already downloaded and verified" in progress.messages("info")
 
 
 def test_http_error_and_unreachable_host(env, server, tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match="HTTP 404") as caught:
-        registry.pull_model("gone")
+        download.pull_model("gone")
     assert server.url("/files/nothing.pth") in str(caught.value)
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -229,7 +230,7 @@ def test_http_error_and_unreachable_host(env, server, tmp_path, monkeypatch):
     (tmp_path / "dead.json").write_text(json.dumps({"models": [_entry("dead", dead)]}))
     monkeypatch.setenv("FSEFT_REGISTRY", str(tmp_path / "dead.json"))
     with pytest.raises(DownloadError, match="cannot reach the server") as caught:
-        registry.pull_model("dead")
+        download.pull_model("dead")
     assert dead in str(caught.value)
 
 
@@ -248,7 +249,7 @@ def test_import_list_resolve_and_load(env, tiny_file, tiny_state):
     assert rows["tiny"]["status"] == "not downloaded"
     target = registry.import_model(tiny_file, "mine")
     assert target.read_bytes() == tiny_file.read_bytes()
-    registry.pull_model("tiny")
+    download.pull_model("tiny")
     rows = {row["name"]: row for row in registry.list_models()}
     assert (rows["mine"]["status"], rows["tiny"]["status"], rows["tofu"]["status"]) == ("imported", "available", "not downloaded")
     assert rows["mine"]["sha256"] == registry.sha256_file(tiny_file) and rows["mine"]["path"] == str(target)
@@ -451,7 +452,7 @@ def test_bundled_model_loads_without_cache_or_download(bundled, tiny_state):
     network = load_foundation_model("mini")
     assert torch.equal(network.state_dict()["classifier.bias"], tiny_state["classifier.bias"])
     assert registry.model_sha256("mini") == registry.sha256_file(bundled)
-    assert registry.pull_model("mini") == bundled  # nothing to download
+    assert download.pull_model("mini") == bundled  # nothing to download
     assert not (registry.cache_dir() / "models" / "mini").exists()
     with pytest.raises(InputError, match="bundled"):
         registry.import_model(bundled, "mini")

@@ -14,15 +14,12 @@ from conftest import SHARED_DATA
 
 from FSEFTSegmentLib.errors import InputError
 from FSEFTSegmentLib.model import load_foundation_model
-from FSEFTSegmentLib.pretraining.loop import (
-    ClassBalancedSampler,
-    PretrainConfig,
-    export_model,
-    pretrain,
-)
+from FSEFTSegmentLib.pretraining.config import PretrainConfig
+from FSEFTSegmentLib.pretraining.loop import export_model, pretrain
 from FSEFTSegmentLib.pretraining.loss import partial_label_dice_loss
 from FSEFTSegmentLib.pretraining.phantoms import make_phantom
 from FSEFTSegmentLib.pretraining.synthesis import mirror_left_right, synthesize_ct
+from FSEFTSegmentLib.pretraining.volume_cache import ClassBalancedSampler
 from FSEFTSegmentLib.progress import Progress
 
 LIVER, SPLEEN, AORTA, STOMACH = 6, 1, 8, 7

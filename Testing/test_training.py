@@ -19,13 +19,13 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from FSEFTSegmentLib.errors import Cancelled, InputError
+from FSEFTSegmentLib.feature_cache import FeatureCache
 from FSEFTSegmentLib.methods import METHODS, get_method
 from FSEFTSegmentLib.methods.adapted import AdaptedModel
 from FSEFTSegmentLib.model.network import Architecture, FoundationSwinUNETR
 from FSEFTSegmentLib.preprocessing import CTPreprocessing
 from FSEFTSegmentLib.training import (
     CropSampler,
-    FeatureCache,
     TrainingCase,
     TrainingSettings,
     adapt,

@@ -308,7 +308,8 @@ def pretrain_child(config_path: Path, deadline: float) -> None:
     import yaml
 
     from FSEFTSegmentLib.errors import Cancelled
-    from FSEFTSegmentLib.pretraining.loop import PretrainConfig, pretrain
+    from FSEFTSegmentLib.pretraining.config import PretrainConfig
+    from FSEFTSegmentLib.pretraining.loop import pretrain
     from FSEFTSegmentLib.progress import JsonProgress
 
     values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -351,7 +352,8 @@ def pretraining(run: Run, data: Path, dry_run: bool) -> dict:
     checkpoint = next((path for path in (out / "checkpoint-best.pt", out / "checkpoint-last.pt") if path.is_file()), None)
     if checkpoint is not None:
         from FSEFTSegmentLib.io.files import sha256_file
-        from FSEFTSegmentLib.pretraining.loop import PretrainConfig, export_model
+        from FSEFTSegmentLib.pretraining.config import PretrainConfig
+        from FSEFTSegmentLib.pretraining.loop import export_model
 
         exported = SCRATCH / "fseft-mini-candidate.safetensors"
         export_model(PretrainConfig.from_yaml(config_path), exported, checkpoint)

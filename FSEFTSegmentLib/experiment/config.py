@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..io.files import read_yaml
 from ..labels import Structure, novel_structure, resolve_structure
 from ..methods import METHODS, get_method
 from ..training import TrainingSettings
@@ -178,16 +179,8 @@ class ExperimentConfig:
 
 
 def load_config(path: str | os.PathLike) -> ExperimentConfig:
-    import yaml
-
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError("no such config file", path)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise InputError(f"not valid YAML ({str(error).splitlines()[0]})", path) from None
-    return parse_config(values, path)
+    return parse_config(read_yaml(path), path)
 
 
 KEYS = {"all_data_k", "name", "model", "device", "data", "tasks", "shots", "draws", "methods", "training", "method_training",

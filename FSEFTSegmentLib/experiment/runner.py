@@ -33,10 +33,11 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ..adaptation import SupportSpec, Target, prepare_support, pretrained_rows, target_mask
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, FSEFTError, InputError
 from ..evaluation import paper_dice, score_masks
+from ..feature_cache import FeatureCache
 from ..inference import Head, InferenceSettings, SegmentationPredictor, choose_device, keep_largest_component
-from ..io.files import atomic_write
+from ..io.files import atomic_write, ensure_folder
 from ..io.images import read_image
 from ..methods import get_method
 from ..methods.adapted import AdaptedModel
@@ -45,7 +46,7 @@ from ..model.registry import model_sha256
 from ..prediction import model_structures
 from ..preprocessing import CTPreprocessing
 from ..progress import Progress
-from ..training import FeatureCache, TrainingCase, TrainingSettings, adapt, cache_features
+from ..training import TrainingCase, TrainingSettings, adapt, cache_features
 from . import report
 from .config import ExperimentConfig, Task
 from .grid import RECORD_FORMAT, RunSpec, plan_runs, rank_share
@@ -389,6 +390,8 @@ def run_experiment(config: ExperimentConfig, out: Path, device_name: str | None 
     rank, world, local_rank = _world()
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a folder; choose another --out", out)
+    if not dry_run:
+        ensure_folder(out)
     device = choose_device(device_name or config.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
@@ -402,6 +405,9 @@ def run_experiment(config: ExperimentConfig, out: Path, device_name: str | None 
     mine = [r for r in rank_share(runs, rank, world) if id(r) not in done]
     progress.info(f"{len(runs)} runs in the grid, {len(done)} done, {len(mine)} to run"
                   + (f" on rank {rank} of {world}" if world > 1 else "") + f" ({config.model} on {device})")
+    stale = len({p.stem for p in records_dir.glob("*.json")} - set(keys.values())) if records_dir.is_dir() else 0
+    if stale:
+        notes.append(f"{stale} stored run(s) in {records_dir} are not in this grid (an earlier config, or a part not selected now): kept, not in the table")
     for note in notes:
         progress.info(note)
     if dry_run:
@@ -421,7 +427,12 @@ def run_experiment(config: ExperimentConfig, out: Path, device_name: str | None 
         try:
             for run in mine:
                 run_progress = grid.start(run.name)
-                record = execute(run, store, run_progress)
+                try:
+                    record = execute(run, store, run_progress)
+                except FSEFTError as error:  # e.g. an empty label: name the run, keep the finished ones
+                    if isinstance(error, Cancelled):
+                        raise
+                    raise type(error)(f"{run.name}: {error} ({grid.done} finished run(s) are kept)") from None
                 record["key"] = keys[id(run)]
                 _write_json(records_dir / f"{record['key']}.json", record)
                 grid.finish()

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from .files import check_readable
 
 #: File suffixes `read_image` accepts besides DICOM folders (anything SimpleITK reads also works).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -67,6 +68,7 @@ def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader) -> None:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    check_readable(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

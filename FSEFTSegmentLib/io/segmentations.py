@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import slicerio
 
 from ..errors import InputError
-from .files import atomic_write
+from .files import atomic_write, check_readable
 
 if TYPE_CHECKING:  # labels.py is imported lazily by callers; only the attributes are used here
     from ..labels import Structure
@@ -249,7 +249,8 @@ def read_structure_mask(path: str | os.PathLike, selector: str | int) -> sitk.Im
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise InputError("no such file", path)
+        raise InputError("is a folder, not a label file" if path.is_dir() else "no such file", path)
+    check_readable(path)
     if path.name.lower().endswith((".seg.nrrd", ".nrrd", ".nhdr")):
         try:
             is_segmentation = any(k.startswith("Segment0_") for k in nrrd.read_header(str(path)))

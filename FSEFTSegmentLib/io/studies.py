@@ -14,7 +14,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
@@ -31,6 +31,7 @@ class Study:
 
     id: str
     path: Path
+    listed_in: str | None = field(default=None, compare=False)  # "LIST:LINE" for a study from a study list, to point at the line to fix
 
 
 def default_id(path: str | os.PathLike) -> str:
@@ -54,12 +55,13 @@ def _resolve(entry: str, list_file: Path) -> Path:
     return path if path.is_absolute() else list_file.parent / path
 
 
-def _read_txt(list_file: Path) -> list[tuple[str | None, Path]]:
+def _read_txt(list_file: Path) -> list[tuple[str | None, Path, str]]:
     lines = list_file.read_text(encoding="utf-8-sig").splitlines()
-    return [(None, _resolve(line, list_file)) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [(None, _resolve(line, list_file), f"{list_file}:{number}") for number, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _read_csv(list_file: Path) -> list[tuple[str | None, Path]]:
+def _read_csv(list_file: Path) -> list[tuple[str | None, Path, str]]:
     with open(list_file, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets add a BOM
         reader = csv.DictReader(f)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
@@ -73,11 +75,11 @@ def _read_csv(list_file: Path) -> list[tuple[str | None, Path]]:
                 if study_id or any((v or "").strip() for v in row.values() if isinstance(v, str)):
                     raise InputError(f"line {reader.line_num}: no image path", list_file)
                 continue  # blank row
-            entries.append((study_id or None, _resolve(image, list_file)))
+            entries.append((study_id or None, _resolve(image, list_file), f"{list_file}:{reader.line_num}"))
     return entries
 
 
-def _entries(item: str | os.PathLike) -> list[tuple[str | None, Path]]:
+def _entries(item: str | os.PathLike) -> list[tuple[str | None, Path, str | None]]:
     path = Path(item).expanduser()
     if path.suffix.lower() in LIST_SUFFIXES:
         if not path.is_file():
@@ -86,20 +88,22 @@ def _entries(item: str | os.PathLike) -> list[tuple[str | None, Path]]:
             entries = _read_csv(path) if path.suffix.lower() == ".csv" else _read_txt(path)
         except (UnicodeDecodeError, csv.Error) as error:
             raise InputError(f"study list cannot be read ({error})", path) from None
+        except PermissionError:
+            raise InputError("study list cannot be read (permission denied)", path) from None
         if not entries:
             raise InputError("study list is empty", path)
         return entries
     if not path.exists():
         raise InputError("no such file or folder", path)
-    return [(None, path)]
+    return [(None, path, None)]
 
 
-def _unique_ids(entries: list[tuple[str | None, Path]]) -> list[str]:
+def _unique_ids(entries: list[tuple[str | None, Path, str | None]]) -> list[str]:
     """Default ids that collide take their parent folder's name; any id still repeated gets -2, -3..."""
-    explicit = Counter(study_id for study_id, _ in entries if study_id)
-    defaults = Counter(default_id(path) for study_id, path in entries if not study_id)
+    explicit = Counter(study_id for study_id, _, _ in entries if study_id)
+    defaults = Counter(default_id(path) for study_id, path, _ in entries if not study_id)
     ids = []
-    for study_id, path in entries:
+    for study_id, path, _ in entries:
         if not study_id:
             study_id = default_id(path)
             if defaults[study_id] > 1 or explicit[study_id]:
@@ -124,4 +128,4 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Study]:
     missing file fails that study, not the whole batch.
     """
     entries = [entry for item in inputs for entry in _entries(item)]
-    return [Study(study_id, path) for study_id, (_, path) in zip(_unique_ids(entries), entries)]
+    return [Study(study_id, path, listed_in) for study_id, (_, path, listed_in) in zip(_unique_ids(entries), entries)]

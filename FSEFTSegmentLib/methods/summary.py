@@ -62,7 +62,7 @@ from .adapted import AdaptedModel
 
 #: crops per training step (one volume x 6 random crops, paper-facts §6; training.TrainingSettings)
 CROPS = 6
-#: bytes per cached feature value (training.py stores the frozen features as float16)
+#: bytes per cached feature value (feature_cache.py stores the frozen features as float16)
 CACHE_BYTES = 2
 MIB = 2**20
 GIB = 2**30

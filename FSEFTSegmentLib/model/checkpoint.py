@@ -12,26 +12,24 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, listed
+from ..io.files import check_readable
 from .network import Architecture, FoundationSwinUNETR
 
 WRAPPER_KEYS = ("state_dict", "net", "model")
 #: safetensors metadata key holding the Architecture as JSON (written by `pretraining.export_model`)
 ARCHITECTURE_METADATA = "fseft.architecture"
 KEY_RENAMES = ((re.compile(r"^module\."), ""), (re.compile(r"^out\.conv\.conv\."), "classifier."))
-MAX_LISTED_KEYS = 6
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The file's tensors with canonical key names, without running any code it may contain."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError("no such checkpoint file", path)
+    _check_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -40,10 +38,15 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise ModelError(f"refused: the checkpoint holds pickled objects, not plain tensors ({first_line[:120]})", path) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
-        raise ModelError(f"not a readable PyTorch or safetensors checkpoint ({type(error).__name__})", path) from None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))
+        if found is None:  # not a pickle of tensors at all (random bytes, a text file, ...)
+            raise ModelError(f"not a PyTorch or safetensors checkpoint ({_unpickler_reason(error)})", path) from None
+        raise ModelError(f"refused: the checkpoint holds pickled objects, not plain tensors (it names {found.group(1)}, "
+                         "and loading it could run code)", path) from None
+    except PermissionError:
+        raise ModelError("cannot be read (permission denied)", path) from None
+    except Exception as error:  # noqa: BLE001 - weights_only / safetensors run no code: any failure is the file's
+        raise ModelError(f"not a PyTorch or safetensors checkpoint ({_reason(error)})", path) from None
     for wrapper in WRAPPER_KEYS:
         if isinstance(raw, dict) and wrapper in raw and isinstance(raw[wrapper], dict):
             raw = raw[wrapper]
@@ -60,11 +63,36 @@ def stored_metadata(path: str | os.PathLike) -> dict[str, str]:
         return {}
     from safetensors import safe_open
 
+    _check_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
-    except (OSError, ValueError, TypeError) as error:
-        raise ModelError(f"unreadable metadata ({type(error).__name__})", path) from None
+    except PermissionError:
+        raise ModelError("cannot be read (permission denied)", path) from None
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type included: the file is at fault
+        raise ModelError(f"not a safetensors checkpoint ({_reason(error)})", path) from None
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise ModelError("is a folder, not a checkpoint file (.pt, .pth or .safetensors)", path)
+    if not path.is_file():
+        raise ModelError("no such checkpoint file", path)
+    if path.stat().st_size == 0:
+        raise ModelError("is empty, not a checkpoint", path)
+    check_readable(path, ModelError)
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """PyTorch's safe unpickler wraps its finding in paragraphs of advice: keep the finding."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    return found.group(1).strip()[:100] if found else _reason(error)
+
+
+def _reason(error: Exception) -> str:
+    """A reader's error as a short parenthesis: its first line, or its type when it has no text."""
+    text = str(error).strip().splitlines()[0][:100] if str(error).strip() else ""
+    return text if text and not text.isdigit() else type(error).__name__
 
 
 def stored_architecture(path: str | os.PathLike) -> Architecture | None:
@@ -122,8 +150,7 @@ def check_layout(tensors: dict[str, torch.Tensor], network: torch.nn.Module, pat
     )
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
-            shown = ", ".join(keys[:MAX_LISTED_KEYS]) + (f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
-            problems.append(f"{len(keys)} {label}: {shown}")
+            problems.append(f"{len(keys)} {label}: {listed(keys)}")
     if problems:
         raise ModelError("wrong checkpoint layout: " + "; ".join(problems), path)
 

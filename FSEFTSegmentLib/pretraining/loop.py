@@ -1,11 +1,11 @@
 """Pretraining of the foundation network on several partially labelled CT datasets (paper-facts section 5).
 
-A YAML config names the datasets (images, label maps, how each label value maps to a universal id,
-which universal ids the dataset annotates), the architecture and the schedule. One step: every
-process draws `volumes_per_step` volumes, each by picking a dataset uniformly and then one of its
-volumes uniformly (sampling balanced over datasets), and cuts `crops_per_volume` crops from each
-(centred on foreground or background, `positive_fraction` positive, as MONAI's
-RandCropByPosNegLabel; rot90 and intensity-shift augmentation); the loss is the partial-label soft
+A YAML config (`config.PretrainConfig`) names the datasets (images, label maps, how each label value
+maps to a universal id, which universal ids the dataset annotates), the architecture and the
+schedule. One step: every process draws `volumes_per_step` volumes, each by picking a dataset
+uniformly and then one of its volumes uniformly (sampling balanced over datasets), and cuts
+`crops_per_volume` crops from each (centred on foreground or background, `positive_fraction`
+positive, as MONAI's RandCropByPosNegLabel; rot90 and intensity-shift augmentation); the loss is the partial-label soft
 Dice (`loss.partial_label_dice_loss`); AdamW (weight decay 1e-5); the learning rate warms up
 linearly from lr * `warmup_start_factor` over `warmup_epochs` epochs, then follows a cosine to 0,
 both stepped per step. With `hold_lr_until_dice: D` (and validation, below) the learning rate stays
@@ -13,7 +13,7 @@ at its peak until a validation where every class reaches Dice D, and only then d
 anneals while small organs are still at zero freezes them there. An epoch is `steps_per_epoch` steps
 (default: enough steps for every process together to draw as many volumes as there are).
 
-Volumes are preprocessed once (CTPreprocessing; the remapped label map follows with
+Volumes (`volume_cache`) are preprocessed once (CTPreprocessing; the remapped label map follows with
 `masks_to_model_space`) when first drawn, and kept in RAM as a float32 image and a uint8 map of
 universal ids; with `volume_cache: true` also on disk under `out/volume-cache/`, so a resumed run
 does not synthesise them again. With `synthesis_workers: N` N worker processes prepare every volume
@@ -42,12 +42,8 @@ DistributedDataParallel (gloo on the CPU, nccl on CUDA); only rank 0 writes file
 
 from __future__ import annotations
 
-import functools
-import glob
-import hashlib
 import json
 import math
-import multiprocessing
 import os
 import signal
 import sys
@@ -55,309 +51,30 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
 from ..errors import Cancelled, FSEFTError, InputError
 from ..inference import native_bf16_cpu
-from ..io.files import sha256_file
-from ..io.images import read_image
 from ..model.checkpoint import ARCHITECTURE_METADATA, build_from_checkpoint, stored_metadata
-from ..model.network import Architecture, FoundationSwinUNETR, crop_size_problem
-from ..preprocessing import CTPreprocessing
+from ..model.network import Architecture, FoundationSwinUNETR
 from ..progress import Progress, make_progress
-from ..training import CropSampler, _cut, pad_to
+from ..training import _cut
+from .config import NO_VALIDATION_VOLUMES, PretrainConfig
 from .loss import partial_label_dice_loss
-from .synthesis import mirror_left_right, synthesize_ct
-from .validation import summary, validate, validation_indices
+from .validation import summary, validate
+from .volume_cache import _atomic_save, _VolumeCache
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
 BEST_NAME = "checkpoint-best.pt"  # the weights with the best mean validation Dice so far
 VALIDATION_LOG_NAME = "validation.jsonl"
-NO_VALIDATION_VOLUMES = "no dataset has validation volumes (a dataset's 'validation: N')"
 MODEL_NAME = "model.pt"
 LOG_NAME = "loss.jsonl"
 VOLUME_CACHE_NAME = "volume-cache"
 NONFINITE_BATCH_NAME = "nonfinite-batch.pt"  # the first batch whose gradients were not finite
 MAX_NONFINITE_STEPS = 5  # skipped steps in a row before the run stops
-
-
-# -------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class DatasetSpec:
-    name: str
-    images: list[str]
-    labels: list[str]
-    label_template: dict[int, int]  # source label value -> universal id (1-based)
-    annotated: tuple[int, ...]  # universal ids this dataset annotates
-    #: universal id -> id of its left counterpart: a single kidney/lung label is split, voxels with
-    #: model-space (RAS) axis-0 index < X/2 becoming the left organ (paper-facts section 5)
-    split_left_right: dict[int, int] = field(default_factory=dict)
-    #: label-map-only datasets: images are synthesised (`synthesis.synthesize_ct`), `synthesize`
-    #: distinct variants per map (0: the dataset has images)
-    synthesize: int = 0
-    mirror_left_right: bool = False  # the maps' headers are left-right mirrored (BTCV)
-    weight: float = 1.0  # relative sampling weight (1 for every dataset: balanced, as the paper)
-    #: validation volumes (`validation.validation_indices`): held-out pairs, or new syntheses
-    validation: int = 0
-
-    @property
-    def volumes(self) -> int:
-        """The volumes training draws from (held-out validation pairs excluded)."""
-        return len(self.labels) * self.synthesize if self.synthesize else len(self.labels) - self.validation
-
-    def sources(self, index: int) -> tuple[str, str | None]:
-        """(label map, image) of volume `index`; variant n of map m is volume n * maps + m, no image."""
-        return self.labels[index % len(self.labels)], (None if self.synthesize else self.images[index])
-
-
-@dataclass
-class PretrainConfig:
-    datasets: list[DatasetSpec]
-    architecture: Architecture = field(default_factory=Architecture)
-    crop_size: int | None = None  # None: the architecture's patch size
-    volumes_per_step: int = 2  # per process
-    crops_per_volume: int = 3
-    positive_fraction: float = 0.8  # pos:neg 4:1
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    warmup_epochs: float = 10
-    warmup_start_factor: float = 0.1
-    epochs: int = 1000
-    steps_per_epoch: int | None = None  # None: volumes / (volumes_per_step * processes), at least 1
-    steps: int | None = None  # total steps; None: epochs * steps_per_epoch
-    seed: int = 0
-    out: str = "pretraining"
-    checkpoint_every: int = 100
-    validate_every: int = 0  # steps between validations (0: never); needs a dataset with `validation`
-    intensity_shift: float = 0.1
-    intensity_shift_prob: float = 0.2
-    rot90_prob: float = 0.1
-    #: positive crops centre on a structure drawn uniformly among those present (MONAI's
-    #: RandCropByLabelClasses), so small organs are seen as often as the liver
-    class_balanced: bool = False
-    bce_weight: float = 0.0  # adds this times the masked binary cross-entropy to the Dice loss
-    #: false: a class's Dice counts only where the crop holds it (absence is left to the
-    #: cross-entropy), so rare small classes are not driven to zero before they are found (loss.py)
-    absent_class_dice: bool = True
-    #: > 0: no lr decay until every validated class reaches this Dice (then the cosine runs from that
-    #: step to the end); needs `validate_every`
-    hold_lr_until_dice: float = 0.0
-    init: str | None = None  # optional starting weights (e.g. MONAI's self-supervised Swin-UNETR)
-    resume: bool = True  # continue from out/checkpoint-last.pt when it exists
-    volume_cache: bool = False  # keep prepared volumes in out/volume-cache/ (a resumed run skips synthesis)
-    #: worker processes preparing (synthesising) every volume in the background (per training
-    #: process); 0: each volume is prepared in the training process when first drawn
-    synthesis_workers: int = 0
-    #: "bf16": the forward pass under bfloat16 autocast (weights, gradients and the loss stay float32).
-    #: 1.4x faster steps on a CPU with AMX/AVX512-BF16 (measured on 2 cores), faster on recent GPUs
-    #: "auto": bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
-    #: AVX512-BF16 or AMX), fp32 elsewhere
-    precision: str = "fp32"
-    source: str | None = None  # the YAML file, for messages
-
-    @property
-    def crop(self) -> int:
-        return self.crop_size or self.architecture.patch_size
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> PretrainConfig:
-        import yaml
-
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise InputError("no such config file", path)
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise InputError(f"not valid YAML ({str(error).splitlines()[0]})", path) from None
-        return cls.from_dict(values, base=path.parent, source=str(path))
-
-    @classmethod
-    def from_dict(cls, values: Any, base: str | os.PathLike = ".", source: str | None = None) -> PretrainConfig:
-        def fail(key: str, message: str):
-            raise InputError(f"'{key}': {message}", source)
-
-        if not isinstance(values, dict):
-            raise InputError("the config must be a mapping of keys to values", source)
-        base = Path(base)
-        known = {f.name for f in fields(cls)} - {"source"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            fail(unknown[0], f"unknown key (known: {', '.join(sorted(known))})")
-        architecture_values = values.get("architecture") or {}
-        if not isinstance(architecture_values, dict):
-            fail("architecture", "must be a mapping (feature_size, out_channels, patch_size, ...)")
-        bad = sorted(set(architecture_values) - set(Architecture.__dataclass_fields__))
-        if bad:
-            fail(f"architecture.{bad[0]}", "unknown architecture field")
-        try:
-            architecture = Architecture.from_dict(architecture_values)
-        except (TypeError, ValueError) as error:
-            fail("architecture", str(error))
-        datasets = values.get("datasets")
-        if not isinstance(datasets, list) or not datasets:
-            fail("datasets", "must be a non-empty list of datasets")
-        specs = [_dataset_spec(entry, f"datasets[{number}]", base, architecture, fail) for number, entry in enumerate(datasets)]
-        names = [spec.name for spec in specs]
-        if len(set(names)) != len(names):
-            fail("datasets", "dataset names must be unique")
-
-        settings: dict[str, Any] = {}
-        for key in known - {"datasets", "architecture"}:
-            if key not in values or values[key] is None:
-                continue
-            value = values[key]
-            if key == "precision":
-                if value not in ("auto", "fp32", "bf16"):
-                    fail(key, f"must be auto, fp32 or bf16, got {value!r}")
-            elif key in ("out", "init"):
-                if not isinstance(value, str):
-                    fail(key, "must be a path")
-                value = os.path.normpath(base / Path(value).expanduser())  # absolute paths stay as they are
-            elif key in ("resume", "class_balanced", "volume_cache", "absent_class_dice"):
-                if not isinstance(value, bool):
-                    fail(key, "must be true or false")
-            elif key in ("lr", "weight_decay", "warmup_epochs", "warmup_start_factor", "positive_fraction",
-                         "intensity_shift", "intensity_shift_prob", "rot90_prob", "bce_weight", "hold_lr_until_dice"):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    try:
-                        value = float(value)  # YAML reads 1e-4 (no dot) as a string
-                    except (TypeError, ValueError):
-                        fail(key, f"must be a number, got {value!r}")
-                value = float(value)
-                if value < 0:
-                    fail(key, "must not be negative")
-                if key in ("positive_fraction", "intensity_shift_prob", "rot90_prob", "warmup_start_factor",
-                           "hold_lr_until_dice") and value > 1:
-                    fail(key, "must be between 0 and 1")
-            else:  # integers
-                if isinstance(value, bool) or not isinstance(value, int):
-                    fail(key, f"must be an integer, got {value!r}")
-                if key not in ("seed", "validate_every", "synthesis_workers") and value < 1:
-                    fail(key, "must be at least 1")
-                if value < 0:
-                    fail(key, "must not be negative")
-            settings[key] = value
-        config = cls(datasets=specs, architecture=architecture, source=source, **settings)
-        if config.validate_every and not any(spec.validation for spec in specs):
-            fail("validate_every", NO_VALIDATION_VOLUMES)
-        if config.hold_lr_until_dice and not config.validate_every:
-            fail("hold_lr_until_dice", "needs validate_every: the hold ends on a validation")
-        if not config.absent_class_dice and not config.bce_weight:
-            fail("absent_class_dice", "false needs bce_weight > 0: nothing else would penalise a class where it is absent")
-        if "out" not in settings:
-            config.out = str(base / cls.out)
-        if problem := crop_size_problem(config.crop):
-            fail("crop_size" if config.crop_size else "architecture.patch_size", problem)
-        return config
-
-
-def _dataset_spec(entry: Any, key: str, base: Path, architecture: Architecture, fail) -> DatasetSpec:
-    if not isinstance(entry, dict):
-        fail(key, "must be a mapping with name, images, labels, label_template, annotated")
-    unknown = sorted(set(entry) - {"name", "images", "labels", "label_template", "annotated", "split_left_right",
-                                   "synthesize", "mirror_left_right", "weight", "validation"})
-    if unknown:
-        fail(f"{key}.{unknown[0]}", "unknown key")
-    synthesize = entry.get("synthesize", 0)
-    if isinstance(synthesize, bool) or not isinstance(synthesize, int) or synthesize < 0:
-        fail(f"{key}.synthesize", "must be the number of synthetic variants per label map (0: real images)")
-    for required in ("name", "labels", "label_template") + (() if synthesize else ("images",)):
-        if entry.get(required) in (None, "", [], {}):
-            fail(f"{key}.{required}", "is missing")
-    if synthesize and entry.get("images"):
-        fail(f"{key}.images", "a synthesised dataset has label maps only")
-    mirror = entry.get("mirror_left_right", False)
-    if not isinstance(mirror, bool):
-        fail(f"{key}.mirror_left_right", "must be true or false")
-    weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-        fail(f"{key}.weight", "must be a positive number")
-    name = str(entry["name"])
-    labels = _paths(entry["labels"], f"{key}.labels", base, fail)
-    images = [] if synthesize else _paths(entry["images"], f"{key}.images", base, fail)
-    if not synthesize and len(images) != len(labels):
-        fail(f"{key}.labels", f"{len(labels)} label file(s) for {len(images)} image(s); they pair in sorted order")
-    validation = entry.get("validation", 0)
-    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
-        fail(f"{key}.validation", "must be the number of validation volumes (0: none)")
-    if synthesize and validation > len(labels):
-        fail(f"{key}.validation", f"at most one synthetic validation volume per label map ({len(labels)})")
-    if not synthesize and validation >= len(labels):
-        fail(f"{key}.validation", f"holds out {validation} of {len(labels)} volume(s): none would be left to train on")
-    channels = architecture.out_channels
-    template_key = f"{key}.label_template"
-    template = _integer_mapping(entry["label_template"], template_key, "must map source label values to universal ids", fail)
-    for source, universal in template.items():
-        if source <= 0:
-            fail(template_key, f"source value {source}: background (0) cannot be mapped")
-        if not 1 <= universal <= channels:
-            fail(template_key, f"universal id {universal} is outside 1..{channels}")
-    split_key = f"{key}.split_left_right"
-    split = _integer_mapping(entry.get("split_left_right") or {}, split_key, "must map a universal id to the id of its left counterpart", fail)
-    for whole, left in split.items():
-        if whole not in template.values():
-            fail(split_key, f"universal id {whole} is not produced by label_template")
-        if not 1 <= left <= channels:
-            fail(split_key, f"universal id {left} is outside 1..{channels}")
-    produced = set(template.values()) | set(split.values())
-    annotated_values = entry.get("annotated")
-    if annotated_values is None:
-        annotated = tuple(sorted(produced))
-    else:
-        if not isinstance(annotated_values, list) or not annotated_values:
-            fail(f"{key}.annotated", "must be a non-empty list of universal ids")
-        try:
-            annotated = tuple(sorted({int(v) for v in annotated_values}))
-        except (TypeError, ValueError):
-            fail(f"{key}.annotated", "must be a list of integers")
-        outside = [v for v in annotated if not 1 <= v <= architecture.out_channels]
-        if outside:
-            fail(f"{key}.annotated", f"universal id {outside[0]} is outside 1..{architecture.out_channels}")
-        missing = sorted(produced - set(annotated))
-        if missing:
-            fail(f"{key}.annotated", f"universal id {missing[0]} is produced by label_template or split_left_right but not annotated")
-    return DatasetSpec(name, images, labels, template, annotated, split, synthesize, mirror, float(weight), validation)
-
-
-def _integer_mapping(values: Any, key: str, not_a_mapping: str, fail) -> dict[int, int]:
-    """A YAML mapping of integers to integers (keys may come as strings), or `fail(key, ...)`."""
-    if not isinstance(values, dict):
-        fail(key, not_a_mapping)
-    mapping: dict[int, int] = {}
-    for source, target in values.items():
-        try:
-            mapping[int(source)] = int(target)
-        except (TypeError, ValueError):
-            fail(key, f"'{source}: {target}' is not 'integer: integer'")
-    return mapping
-
-
-def _paths(value: Any, key: str, base: Path, fail) -> list[str]:
-    """A list of files, or one glob pattern (relative to the config's folder), sorted."""
-    if isinstance(value, str):
-        pattern = str(Path(value).expanduser() if Path(value).expanduser().is_absolute() else base / value)
-        found = sorted(glob.glob(pattern))
-        if not found:
-            fail(key, f"the pattern '{value}' matches no file")
-        return found
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        fail(key, "must be a list of paths or one glob pattern")
-    paths = [str(Path(v).expanduser() if Path(v).expanduser().is_absolute() else base / v) for v in value]
-    for path in paths:
-        if not os.path.exists(path):
-            fail(key, f"no such file: {path}")
-    return paths
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -380,150 +97,6 @@ def _step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Gener
 
 
 # -------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class _Volume:
-    image: torch.Tensor  # (1, X, Y, Z) float32, padded to the crop
-    label: torch.Tensor  # (1, X, Y, Z) uint8 universal ids, padded to the crop
-    sampler: CropSampler
-
-
-class _VolumeCache:
-    """Volumes in model space, preprocessed when first drawn and then kept in RAM.
-
-    With a `folder`, each prepared volume is also stored there (our own tensors, read back with
-    `weights_only=True`), keyed by everything it depends on, so a resumed run skips the synthesis.
-    """
-
-    def __init__(self, config: PretrainConfig, crop: int, folder: Path | None = None):
-        self.config = config
-        self.crop = crop
-        self.folder = folder
-        self.preprocessing = CTPreprocessing(config.architecture)
-        self.volumes: dict[tuple[int, int], _Volume] = {}
-        self.code = _preparing_code() if folder is not None else b""
-        self.pending: dict[tuple[int, int], Future] = {}
-        self.pool: ProcessPoolExecutor | None = None
-
-    def prepare_in_background(self, workers: int) -> None:
-        """Start `workers` processes preparing every validation, then every training volume."""
-        keys = [(d, i) for d, spec in enumerate(self.config.datasets) for i in validation_indices(spec)]
-        keys += [(d, i) for d, spec in enumerate(self.config.datasets) for i in range(spec.volumes)]
-        # spawn, not fork: the parent may already hold a CUDA context or torch's thread pools
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_single_threaded)
-        self.pending = {key: self.pool.submit(_prepare_volume, self.config, self.crop, self.folder, *key)
-                        for key in keys if key not in self.volumes}
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool, self.pending = None, {}
-
-    def get(self, dataset: int, index: int) -> _Volume:
-        key = (dataset, index)
-        if key not in self.volumes:
-            future = self.pending.pop(key, None)
-            image, label = future.result() if future is not None else self._stored(self.config.datasets[dataset], index)
-            sampler = ClassBalancedSampler(label, image[0]) if self.config.class_balanced else CropSampler(label, image[0])
-            self.volumes[key] = _Volume(image, label, sampler)
-        return self.volumes[key]
-
-    def _stored(self, spec: DatasetSpec, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.folder is None:
-            return self._load(spec, index)
-        path = self.folder / f"{spec.name}-{index}-{self._fingerprint(spec, index)}.pt"
-        if path.is_file():
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                return stored["image"], stored["label"]
-            except Exception:  # a damaged entry is rebuilt
-                pass
-        image, label = self._load(spec, index)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save({"image": image, "label": label}, path)
-        return image, label
-
-    def _fingerprint(self, spec: DatasetSpec, index: int) -> str:
-        """Hash of the inputs and of the code that turns them into a prepared volume."""
-        digest = hashlib.sha256()
-        for source in filter(None, spec.sources(index)):
-            digest.update(_file_digest(Path(source).resolve()).encode())
-        digest.update(self.code)
-        settings = [self.config.seed, self.crop, self.config.architecture.to_dict(), sorted(spec.label_template.items()),
-                    sorted(spec.split_left_right.items()), spec.synthesize, spec.mirror_left_right]
-        digest.update(json.dumps(settings, default=str).encode())
-        return digest.hexdigest()[:16]
-
-    def _load(self, spec: DatasetSpec, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        label_path, image_path = spec.sources(index)
-        label_image = read_image(label_path)
-        source = np.rint(sitk.GetArrayViewFromImage(label_image)).astype(np.int64)
-        remapped = np.zeros(source.shape, dtype=np.uint8)
-        for value, universal in spec.label_template.items():
-            remapped[source == value] = universal
-        if spec.synthesize:  # variant n of map m is volume n * maps + m, drawn from its own seed
-            universal_map = sitk.GetImageFromArray(remapped)
-            universal_map.CopyInformation(label_image)
-            if spec.mirror_left_right:
-                universal_map = mirror_left_right(universal_map)
-            seed = int(np.random.SeedSequence([self.config.seed, index, *spec.name.encode()]).generate_state(1)[0])
-            image, universal_map = synthesize_ct(universal_map, seed)
-            remapped = sitk.GetArrayFromImage(universal_map)
-        else:
-            image = read_image(image_path)
-            if label_image.GetSize() != image.GetSize():
-                raise InputError(f"label grid {label_image.GetSize()} differs from its image's {image.GetSize()} ({image_path})", label_path)
-        remapped = remapped.astype(np.float32)
-        preprocessed = self.preprocessing(image)
-        label = self.preprocessing.masks_to_model_space(remapped[None], image, preprocessed)
-        if spec.split_left_right:
-            left_half = torch.zeros(label.shape, dtype=torch.bool)
-            left_half[:, : (label.shape[1] + 1) // 2] = True  # indices < X/2; RAS: axis 0 runs from left to right
-            for whole, left in spec.split_left_right.items():
-                label[(label == whole) & left_half] = left
-        volume, _ = pad_to(preprocessed.as_tensor().float(), self.crop)
-        label, _ = pad_to(label, self.crop)
-        return volume.contiguous(), label.contiguous()
-
-
-def _single_threaded() -> None:
-    """A synthesis worker uses one core: the pool, not each worker, spreads over the machine."""
-    torch.set_num_threads(1)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
-def _prepare_volume(config: PretrainConfig, crop: int, folder: Path | None, dataset: int, index: int):
-    """A worker's task: volume `index` of dataset `dataset`, prepared (and stored) as in the training process."""
-    return _VolumeCache(config, crop, folder)._stored(config.datasets[dataset], index)
-
-
-@functools.lru_cache(maxsize=None)
-def _file_digest(path: Path) -> str:
-    """sha256 of a source file's (or DICOM folder's) bytes: the same data keeps its cached volumes
-    when it is copied, which changes its path and modification time (a new session's data folder)."""
-    return sha256_file(path)
-
-
-def _preparing_code() -> bytes:
-    """The source of the modules that prepare a volume, read once: the code this process runs."""
-    from .. import preprocessing
-    from . import anatomy, synthesis
-
-    return b"".join(Path(module.__file__).read_bytes() for module in (preprocessing, synthesis, anatomy))
-
-
-class ClassBalancedSampler(CropSampler):
-    """Positive crops centre on a voxel of a structure drawn uniformly among those present."""
-
-    def __init__(self, label: torch.Tensor, image: torch.Tensor | None = None):
-        super().__init__(label, image)
-        values = label.reshape(-1)[self.foreground]
-        self.by_class = [self.foreground[values == value] for value in torch.unique(values)]
-
-    def _foreground_index(self, generator: torch.Generator) -> int:
-        members = self.by_class[int(torch.randint(len(self.by_class), (1,), generator=generator))]
-        return int(members[torch.randint(len(members), (1,), generator=generator)])
 
 
 def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: int, rank: int):
@@ -566,13 +139,6 @@ def pretraining_dtype(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16" or (precision == "auto" and native):
         return torch.bfloat16
     return None
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
 
 def _load_init(network: FoundationSwinUNETR, path: str, progress: Progress) -> None:
     from ..model.checkpoint import read_tensors

@@ -16,26 +16,14 @@ Each volume is segmented whole in model space (MONAI sliding window, Gaussian bl
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from monai.inferers import sliding_window_inference
 
 from ..evaluation import dice
 from ..labels import UNIVERSAL_STRUCTURES
-
-if TYPE_CHECKING:
-    from .loop import DatasetSpec, PretrainConfig, _VolumeCache
-
-
-def validation_indices(spec: DatasetSpec) -> list[int]:
-    """Volume indices (as `DatasetSpec.sources` reads them) of the dataset's validation volumes."""
-    if not spec.validation:
-        return []
-    maps = len(spec.labels)
-    if not spec.synthesize:
-        return list(range(maps - spec.validation, maps))
-    return [spec.synthesize * maps + j * maps // spec.validation for j in range(spec.validation)]
+from .config import PretrainConfig, validation_indices
+from .volume_cache import _VolumeCache
 
 
 def class_name(universal_id: int) -> str:
