@@ -234,9 +234,9 @@ def save_adapter(folder: str | os.PathLike, model: AdaptedModel, metadata: dict)
         _install(staging, folder)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) or "I/O error" in str(error):  # safetensors words a full disk its own way
-            reason = os.strerror(errno.ENOSPC) if "No space left" in str(error) else getattr(error, "strerror", None) or str(error)
-            raise InputError(f"cannot write the adapter ({reason})", folder) from None
+        if not isinstance(error, OSError) and "I/O error" in str(error):  # safetensors' own error type for a failed write
+            code = errno.ENOSPC if "No space left" in str(error) else errno.EIO
+            raise OSError(code, os.strerror(code), str(folder)) from None
         raise
     _fsync_folder(folder.parent)
     return folder

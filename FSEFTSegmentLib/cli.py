@@ -166,7 +166,10 @@ def cmd_adapt(args) -> int:
         network, base, args.method, targets, supports, [Path(q) for q in args.query or []],
         settings, device, progress, tune_decoder=args.tune_decoder,
     )
-    path = save_adapter(out, run.model, run.metadata)
+    try:
+        path = save_adapter(out, run.model, run.metadata)
+    except OSError as error:
+        raise InputError(f"cannot write the adapter ({error.strerror or error})", out) from None
     for structure, prior in (run.result.size_prior or {}).items():
         low, high = prior["range_ml"]
         sizes = ", ".join(f"{query} {size['ml']:.1f} mL" for query, size in prior["queries"].items())

@@ -33,7 +33,7 @@ BASE_ORGANS = ["spleen", "kidney_left", "gallbladder", "esophagus", "liver", "pa
 def fseft(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, against the extension's own registry (bundled fseft-mini), a private cache."""
     return subprocess.run([sys.executable, "-m", "FSEFTSegmentLib", *args], env=_env(cwd), cwd=cwd, capture_output=True,
-                          text=True, timeout=900, check=False, **kwargs)
+                          text=True, encoding="utf-8", timeout=900, check=False, **kwargs)
 
 
 def _env(cwd: Path) -> dict:
@@ -226,7 +226,7 @@ def phantom_experiment(tmp_path_factory):
     args = ["experiment", "--config", str(PHANTOM), "--out", str(out), *SUITE_PART]  # bar: its lines on stderr
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, "-m", "FSEFTSegmentLib", *args], env=_env(cwd), cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
     while not list((out / "runs").glob("*.json")) and process.poll() is None and time.monotonic() - started < 600:
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
@@ -333,7 +333,7 @@ def test_torchrun_splits_the_grid_across_two_processes_and_merges_one_table(tmp_
     split = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "FSEFTSegmentLib",
          "experiment", "--config", str(config), "--out", str(tmp_path / "split")],
-        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+        env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=600, check=False)
     assert split.returncode == 0, split.stderr[-3000:]
     assert "9 runs in the grid, 0 done, 5 to run on rank 0 of 2" in split.stderr
     assert "9 runs in the grid, 0 done, 4 to run on rank 1 of 2" in split.stderr

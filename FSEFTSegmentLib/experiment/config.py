@@ -224,8 +224,10 @@ def parse_config(values: Any, source: Path) -> ExperimentConfig:
     training = _settings(values.get("training") or {}, "training", fail)
     method_training = {}
     for name, overrides in (values.get("method_training") or {}).items():
-        if name not in METHODS and name not in {m.label for m in methods}:
-            fail(f"method_training.{name}", f"neither a method ({', '.join(METHODS)}) nor one of the config's methods")
+        try:
+            MethodSpec.parse(str(name))
+        except ValueError as error:
+            fail(f"method_training.{name}", str(error))
         method_training[name] = _settings(overrides or {}, f"method_training.{name}", fail)
     scoring = _scoring(values.get("scoring") or {}, fail)
     metric = str(values.get("table_metric") or f"{scoring.spaces[0]}.dice")
