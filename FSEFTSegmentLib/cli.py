@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         args.path = args.target if args.action == "import" else None
         args.name = args.name if args.action == "import" else args.target
     signal.signal(signal.SIGTERM, _terminate)
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 console must not turn "×" or "–" in a table into a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         return args.run(args)
     except BrokenPipeError:  # output piped into `head` and the like: not an error of ours

@@ -43,7 +43,7 @@ def _env(cwd: Path) -> dict:
 
 
 def records(out: Path) -> dict[str, dict]:
-    return {path.stem: json.loads(path.read_text()) for path in (out / "runs").glob("*.json")}
+    return {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in (out / "runs").glob("*.json")}
 
 
 # ------------------------------------------------------------------------------ shipped configs
@@ -59,7 +59,7 @@ def touch_cases(root: Path, cases: list[str], files: list[str]) -> None:
 
 
 def test_the_totalsegmentator_configs_give_the_papers_splits_and_grid(tmp_path, monkeypatch):
-    base, novel = (yaml.safe_load((CONFIGS / f"totalsegmentator-{part}.yaml").read_text()) for part in ("base", "novel"))
+    base, novel = (yaml.safe_load((CONFIGS / f"totalsegmentator-{part}.yaml").read_text(encoding="utf-8")) for part in ("base", "novel"))
     structures = sorted({s for config in (base, novel) for task in config["tasks"] for s in task["structures"]})
     touch_cases(tmp_path, [f"s{n:04d}" for n in range(46)], ["{case}/ct.nii.gz"] + [f"{{case}}/segmentations/{s}.nii.gz" for s in structures])
     monkeypatch.setenv("TOTALSEGMENTATOR", str(tmp_path))
@@ -83,7 +83,7 @@ def test_the_totalsegmentator_configs_give_the_papers_splits_and_grid(tmp_path, 
 
 
 def test_the_flare22_config_adapts_nine_organs_together(tmp_path, monkeypatch):
-    values = yaml.safe_load((CONFIGS / "flare22.yaml").read_text())
+    values = yaml.safe_load((CONFIGS / "flare22.yaml").read_text(encoding="utf-8"))
     task = values["tasks"][0]
     touch_cases(tmp_path, task["train"] + task["test"], ["images/{case}_0000.nii.gz", "labels/{case}.nii.gz"])
     monkeypatch.setenv("FLARE22", str(tmp_path))
@@ -109,7 +109,7 @@ def folder_config(tmp_path: Path, **changes) -> Path:
         target, _, field = key.rpartition(".")
         (values["tasks"][0] if target == "task" else values)[field] = value
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(values))
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
     return path
 
 
@@ -155,7 +155,7 @@ def test_a_run_that_fails_on_its_data_names_the_run_and_the_file(tmp_path, capsy
         sitk.WriteImage(image, str(data / f"c{n}.nii.gz"))
         sitk.WriteImage(labels * 0 if n == 2 else labels, str(data / f"c{n}.labels.nii.gz"))
     config = tmp_path / "empty.yaml"
-    config.write_text(yaml.safe_dump({
+    config.write_text(encoding="utf-8", data=yaml.safe_dump({
         "model": "fseft-mini", "data": {"root": "data", "image": "{case}.nii.gz", "labels": "{case}.labels.nii.gz"},
         "tasks": [{"name": "spleen", "structures": {"spleen": 1}, "train": ["c0", "c1"], "test": ["c2"]}],
         "shots": [1], "draws": [0], "methods": ["linear-probe"], "training": {"max_epochs": 1}}))
@@ -186,7 +186,7 @@ def test_draws_are_nested_across_k_and_the_whole_pool_keeps_one_case_to_validate
 
 
 def test_changing_the_config_changes_exactly_the_keys_of_the_runs_it_changes():
-    values = yaml.safe_load(PHANTOM.read_text())
+    values = yaml.safe_load(PHANTOM.read_text(encoding="utf-8"))
     config = parse_config(copy.deepcopy(values), PHANTOM)
     values["method_training"]["lora"]["max_epochs"] = 3
     changed = parse_config(values, PHANTOM)
@@ -257,9 +257,9 @@ def test_an_interrupted_experiment_keeps_its_finished_runs_and_the_rerun_continu
 
 def test_the_phantom_experiment_writes_the_papers_outputs(phantom_experiment):
     out, _, _ = phantom_experiment
-    rows = (out / "runs.csv").read_text().splitlines()
+    rows = (out / "runs.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 14 and rows[0].startswith("task,group,method,k,")
-    table = (out / "table.md").read_text()
+    table = (out / "table.md").read_text(encoding="utf-8")
     assert "| zero-shot |" in table and "| spatial-adapter+size-prior |" in table and "K = 5" in table
     for name in ("dice-vs-k.png", "dice-vs-parameters.png", "dice-vs-time.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -322,12 +322,12 @@ def test_a_head_on_cached_features_predicts_as_fseft_predict_does():
 
 
 def test_torchrun_splits_the_grid_across_two_processes_and_merges_one_table(tmp_path):
-    values = yaml.safe_load(PHANTOM.read_text())
+    values = yaml.safe_load(PHANTOM.read_text(encoding="utf-8"))
     values.update(name="split", data={"phantoms": {"count": 5, "size": [64, 64, 48], "seed": 1}}, shots=[1, 2], draws=[0, 1],
                   methods=["zero-shot", "linear-probe", "spatial-adapter"],
                   tasks=[{"name": "spleen", "structures": {"spleen": 1}, "train": 3, "test": 2}])
     config = tmp_path / "split.yaml"
-    config.write_text(yaml.safe_dump(values))
+    config.write_text(yaml.safe_dump(values), encoding="utf-8")
     alone = fseft(["experiment", "--config", str(config), "--out", str(tmp_path / "alone")], tmp_path)
     assert alone.returncode == 0, alone.stderr
     split = subprocess.run(
