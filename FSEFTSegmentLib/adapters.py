@@ -48,7 +48,6 @@ from .model.network import FoundationSwinUNETR
 from .io.files import ensure_folder, sha256_file
 
 
-
 class BaseModelInfo(TypedDict):
     name: str
     sha256: str
@@ -291,7 +290,6 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     except InputError as error:
         raise InputError(f"adapter uses an {error}", path) from None
     return metadata
-
 
 
 def check_base_model(folder: str | os.PathLike, metadata: dict, base_sha256: str) -> None:

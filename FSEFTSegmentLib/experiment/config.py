@@ -100,6 +100,10 @@ class Phantoms:
     size: tuple[int, int, int] = (64, 64, 48)
     seed: int = 0
 
+    @property
+    def case_ids(self) -> list[str]:
+        return [f"phantom-{n:02d}" for n in range(self.count)]
+
 
 @dataclass(frozen=True)
 class DataLayout:
@@ -312,7 +316,7 @@ def _data_layout(data: Any, base: Path, fail) -> DataLayout:
 def _cases(data: dict, layout: DataLayout, fail) -> list[str]:
     """The case ids: listed, or phantom names, or every id the image template matches under root."""
     if layout.phantoms is not None:
-        return [f"phantom-{n:02d}" for n in range(layout.phantoms.count)]
+        return layout.phantoms.case_ids
     if "cases" in data:
         listed = data["cases"]
         if not isinstance(listed, list) or not listed:

@@ -78,11 +78,11 @@ class CaseStore:
             self._cases[case_id] = _Case(image, self.preprocessing(image))
         return self._cases[case_id]
 
-    def _spec(self, task: Task, case_id: str, structure: int | None = None) -> tuple[SupportSpec, list[Target]]:
+    def _spec(self, task: Task, case_id: str) -> tuple[SupportSpec, list[Target]]:
         data = self.config.data
         if data.per_structure_files:  # one binary mask per structure: the task has exactly one
-            name = task.file_names[0 if structure is None else structure]
-            return SupportSpec(data.image_path(case_id), data.labels_path(case_id, name), "1"), [Target(task.structures[0], "1")]
+            labels = data.labels_path(case_id, task.file_names[0])
+            return SupportSpec(data.image_path(case_id), labels, "1"), [Target(task.structures[0], "1")]
         targets = [Target(s, selector) for s, selector in zip(task.structures, task.selectors)]
         return SupportSpec(data.image_path(case_id), data.labels_path(case_id, "")), targets
 
@@ -107,14 +107,10 @@ class CaseStore:
     def features(self, case_id: str) -> FeatureCache:
         if case_id not in self._features:
             started = time.monotonic()
-            volume = self.case(case_id).volume
-            estimate = math.prod(max(n, self.network.architecture.patch_size) for n in volume.shape[-3:])
-            estimate *= self.network.architecture.feature_size * 2
-            in_ram = self.ram_bytes + estimate <= self.config.cache_ram_gb * 1024**3
-            settings = TrainingSettings(**{**self.config.training, "cache_spill_bytes": estimate + 1 if in_ram else 0,
-                                           "cache_dir": self.config.cache_dir})
-            self.progress.info(f"frozen features of {case_id} ({'RAM' if in_ram else 'spilled to disk'})")
-            cache = cache_features(self.network, TrainingCase(case_id, volume), self.device, settings)
+            left = max(int(self.config.cache_ram_gb * 1024**3) - self.ram_bytes, 0)  # a cache larger than this spills
+            settings = TrainingSettings(**{**self.config.training, "cache_spill_bytes": left, "cache_dir": self.config.cache_dir})
+            cache = cache_features(self.network, TrainingCase(case_id, self.case(case_id).volume), self.device, settings)
+            self.progress.info(f"frozen features of {case_id} ({'spilled to disk' if cache.spilled else 'RAM'})")
             self.ram_bytes += 0 if cache.spilled else cache.nbytes
             self._features[case_id] = cache
             self.feature_seconds += time.monotonic() - started
@@ -372,14 +368,12 @@ def write_phantoms(config: ExperimentConfig, folder: Path) -> None:
     """The phantom cases of `data.phantoms`, as (image, label map) .nii.gz pairs; kept across reruns."""
     from ..pretraining.phantoms import phantom_dataset
 
-    spec = config.data.phantoms
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = [f"phantom-{n:02d}" for n in range(spec.count)]
-    if all((folder / f"{case}.labels.nii.gz").is_file() for case in ids):
+    spec, data = config.data.phantoms, config.with_phantom_root(folder).data
+    if all(data.labels_path(case, "").is_file() for case in spec.case_ids):
         return
-    for case, (image, labels) in zip(ids, phantom_dataset(spec.count, spec.seed, size=spec.size)):
-        for suffix, volume in (("", image), (".labels", labels)):
-            with atomic_write(folder / f"{case}{suffix}.nii.gz") as tmp:
+    for case, pair in zip(spec.case_ids, phantom_dataset(spec.count, spec.seed, size=spec.size)):
+        for path, volume in zip((data.image_path(case), data.labels_path(case, "")), pair):
+            with atomic_write(path) as tmp:
                 sitk.WriteImage(volume, str(tmp), True)
 
 
