@@ -32,6 +32,10 @@ def cmd_predict(args) -> int:
     unknown = [f for f in formats if f not in OUTPUT_FORMATS]
     if unknown or not formats:
         raise InputError(f"unknown --format {','.join(unknown) or args.format!r}; choose from {', '.join(OUTPUT_FORMATS)}")
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        raise InputError(f"--sw-batch-size must be at least 1, got {args.sw_batch_size}")
+    if not 0 <= args.overlap < 1:
+        raise InputError(f"--overlap must be in [0, 1), got {args.overlap}")
     settings = InferenceSettings(
         sw_batch_size=args.sw_batch_size,
         overlap=args.overlap,
@@ -275,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     predict.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     predict.add_argument("--largest-component", action="store_true", help="keep only what lies inside the patient's body, then each structure's largest 26-connected component")
-    predict.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass (default: %(default)s)")
+    predict.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default: 1 on the CPU, 2 on CUDA)")
     predict.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: %(default)s)")
     predict.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: mixed precision on CUDA, fp32 on the CPU")
     predict.set_defaults(run=cmd_predict)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from .errors import Cancelled
-from .inference import autocast_dtype
-from .model.network import FoundationSwinUNETR
+from .inference import autocast_dtype, windows_per_batch
+from .model.network import FoundationSwinUNETR, prefers_channels_last
 
 
 class FeatureCache:
@@ -40,7 +40,7 @@ class FeatureCache:
         device: torch.device,
         *,
         overlap: float = 0.25,
-        sw_batch_size: int = 2,
+        sw_batch_size: int | None = None,
         precision: str = "auto",
         spill_bytes: int = 2 * 1024**3,
         spill_dir: str | None = None,
@@ -97,13 +97,15 @@ class FeatureCache:
 
         dtype = autocast_dtype(device, precision)
         cast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-        network.eval()
+        layout = torch.channels_last_3d if prefers_channels_last(device) else torch.contiguous_format
+        network.eval().to(memory_format=layout)
+        sw_batch_size = windows_per_batch(device, network.architecture, sw_batch_size)
         done = 0
         for first in range(0, len(windows), sw_batch_size):
             if should_stop is not None and should_stop():
                 raise Cancelled("adaptation cancelled; nothing was saved")
             batch = windows[first : first + sw_batch_size]
-            inputs = torch.cat([volume[(slice(None), slice(None), *window)] for window in batch]).to(device)
+            inputs = torch.cat([volume[(slice(None), slice(None), *window)] for window in batch]).to(device, memory_format=layout)
             with torch.inference_mode(), cast:
                 features = network.features(inputs).float().cpu()
             for window, window_features in zip(batch, features):

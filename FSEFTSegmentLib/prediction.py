@@ -33,7 +33,7 @@ from .io.studies import Study
 from .labels import Structure, novel_structure, resolve_structure, resolve_structures, UNIVERSAL_STRUCTURES
 from .methods.adapted import AdaptedModel
 from .model.network import Architecture, FoundationSwinUNETR, head_rows
-from .progress import Progress
+from .progress import Progress, StageTimes
 
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz")
 
@@ -246,15 +246,18 @@ def predict_studies(
     for number, study in enumerate(studies, 1):
         started = time.monotonic()
         progress.step(0.0, f"study {number}/{len(studies)}: reading", study=study.id)
+        times = StageTimes()
         try:
-            image = read_image(study.path)
-            warning = ct_plausibility(image)
+            with times.stage("read"):
+                image = read_image(study.path)
+                warning = ct_plausibility(image)
             if warning:
                 progress.warning(f"{study.path}: {warning}", study=study.id)
-            masks = predictor.segment(image, heads, study=study.id)
+            masks = predictor.segment(image, heads, study=study.id, times=times)
             volumes = volumes_ml(masks, image)
             quality = assess_quality(structures, volumes, expected_volumes_ml or {})
-            written = write_outputs(masks, image, structures, out_dir, study.id, formats, quality, volumes)
+            with times.stage("write"):
+                written = write_outputs(masks, image, structures, out_dir, study.id, formats, quality, volumes)
         except FSEFTError as error:
             result.failures[study.id] = str(error) + (f" (listed in {study.listed_in})" if study.listed_in else "")
         except Exception as error:  # noqa: BLE001 - one broken study must not end the batch
@@ -277,6 +280,7 @@ def predict_studies(
             voxels={s.name: int(np.count_nonzero(m)) for s, m in zip(structures, masks)},
             volumes_ml={s.name: round(v, 3) for s, v in zip(structures, volumes)},
             seconds=round(seconds, 2),
+            stage_seconds=dict(times),
             message=f"{study.id}: wrote {', '.join(p.name for p in written)} ({seconds:.1f} s)"
             + (f"; quality flag: {', '.join(s.display_name for s in flagged)}" if flagged else ""),
             **extra,

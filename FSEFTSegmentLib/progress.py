@@ -11,7 +11,21 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, TextIO
+from contextlib import contextmanager
+from typing import Any, Iterator, TextIO
+
+
+class StageTimes(dict):
+    """Seconds per named stage of one study's prediction (read, preprocess, network, ...), reported
+    in its `study_done` event so a slow step shows where it is, in the CLI and in Slicer alike."""
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = round(self.get(name, 0.0) + time.perf_counter() - started, 4)
 
 
 class Progress:

@@ -100,7 +100,7 @@ class TrainingSettings:
     size_prior_gamma: float = 0.3
     size_prior_weight: float = 0.1
     size_prior_start: int | None = None  # first epoch (0-based) with the prior; None: max_epochs // 4
-    sw_batch_size: int = 2
+    sw_batch_size: int | None = None  # windows per backbone pass (None: `inference.windows_per_batch`)
     overlap: float = 0.25
     #: auto | fp32 | bf16 | fp16. auto: like prediction for the backbone (fp32 on the CPU, bf16/fp16 on
     #: CUDA); the cached head step runs under bf16 autocast where the CPU has native bf16 (or on CUDA)

@@ -1,4 +1,5 @@
-"""Small generated inputs for tests: CT-like phantoms on arbitrary grids and tiny checkpoints."""
+"""Small generated inputs for tests (and benchmarks): CT-like phantoms on arbitrary grids, tiny
+checkpoints, and DICOM series written from any volume."""
 
 from __future__ import annotations
 
@@ -41,3 +42,34 @@ def tiny_checkpoint(path: Path, seed: int = 0, out_channels: int = 29) -> Path:
     network = FoundationSwinUNETR(Architecture(feature_size=12, out_channels=out_channels))
     torch.save(network.state_dict(), path)
     return path
+
+
+def write_dicom_series(image: sitk.Image, folder, series_uid: str) -> None:
+    """One CT slice file per k with the tags a series needs (SimpleITK's "DICOM series from array").
+
+    Stored with RescaleIntercept -1024 (GDCM stores HU + 1024), so reading must apply it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        tags = {
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": position,
+            "0020|0037": orientation,
+            "0028|1052": "-1024",
+            "0028|1053": "1",
+        }
+        for key, value in tags.items():
+            slice_.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{series_uid.rsplit('.', 1)[-1]}-{k:03d}.dcm"))  # never a hidden ".xx" name
+        writer.Execute(slice_)

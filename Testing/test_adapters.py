@@ -25,7 +25,7 @@ from FSEFTSegmentLib.adapters import (
     structure_info,
 )
 from FSEFTSegmentLib.errors import InputError, ModelError
-from FSEFTSegmentLib.inference import InferenceSettings, SegmentationPredictor, window_count
+from FSEFTSegmentLib.inference import InferenceSettings, SegmentationPredictor, window_count, windows_per_batch
 from FSEFTSegmentLib.io.studies import Study
 from FSEFTSegmentLib.labels import novel_structure, resolve_structure
 from FSEFTSegmentLib.methods import METHODS, get_method
@@ -336,7 +336,7 @@ def test_several_adapters_in_one_run_equal_each_alone(pristine, three_adapters, 
     assert [s.name for s in structures] == ["lesion_x", "liver", "aorta", "spleen", "renal_graft"]
     predictor = SegmentationPredictor(network, torch.device("cpu"), InferenceSettings())
     volume = predictor.preprocessing(sitk.ReadImage(str(study.path)))
-    batches = math.ceil(window_count(volume.shape[1:], ARCHITECTURE.patch_size, 0.25) / InferenceSettings().sw_batch_size)
+    batches = math.ceil(window_count(volume.shape[1:], ARCHITECTURE.patch_size, 0.25) / windows_per_batch(torch.device("cpu"), ARCHITECTURE))
     # one base-network pass per window batch for the probe, the spatial adapter and the base row together
     assert base_passes[0] == batches and lora_passes[0] == batches
     together = segments(tmp_path / "together" / "ct.seg.nrrd")

@@ -77,7 +77,7 @@ def files(tmp_path_factory, environment_module):
     good["csv"] = root / "studies.csv"
     good["csv"].write_text(f"id,image\ncase,{good['image']}\n")
     good["dicom"] = root / "dicom"
-    from test_io import write_dicom_series
+    from synthetic import write_dicom_series
 
     write_dicom_series(sitk.Cast(image, sitk.sitkInt16), good["dicom"], "1.2.826.0.1.3680043.2.1125.2.101")
     good["pretrain.yaml"] = root / "pretrain.yaml"

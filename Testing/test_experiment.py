@@ -308,7 +308,7 @@ def test_a_head_on_cached_features_predicts_as_fseft_predict_does():
             model = AdaptedModel(network, get_method(method), [0])
             if method == "spatial-adapter":
                 torch.nn.init.normal_(model.head[0].conv2.weight, std=0.02)
-            cached = head_logits(model.head, cache, network.architecture.patch_size, settings, device)
+            cached = head_logits(model.head, cache, network.architecture, settings, device)
             direct = predictor.logits(volume, [Head.of(model)])
             assert cached.shape == direct.shape
             agreement = dice((cached > 0).numpy(), (direct > 0).numpy())

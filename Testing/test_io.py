@@ -30,6 +30,7 @@ from FSEFTSegmentLib.io.segmentations import (
 )
 from FSEFTSegmentLib.io.studies import Study, expand_inputs
 from FSEFTSegmentLib.labels import novel_structure, resolve_structure
+from synthetic import write_dicom_series
 
 REAL_CT = SHARED_DATA / "real-ct"
 
@@ -58,37 +59,6 @@ def assert_same_geometry(a: sitk.Image, b: sitk.Image, atol: float = 1e-5) -> No
     np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=atol)
     np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=atol)
     np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=atol)
-
-
-def write_dicom_series(image: sitk.Image, folder, series_uid: str) -> None:
-    """One CT slice file per k with the tags a series needs (SimpleITK's "DICOM series from array").
-
-    Stored with RescaleIntercept -1024 (GDCM stores HU + 1024), so reading must apply it.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
-        position = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
-        tags = {
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0008|0060": "CT",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": position,
-            "0020|0037": orientation,
-            "0028|1052": "-1024",
-            "0028|1053": "1",
-        }
-        for key, value in tags.items():
-            slice_.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"{series_uid[-3:]}-{k:03d}.dcm"))
-        writer.Execute(slice_)
 
 
 # ----------------------------------------------------------------------------------------------

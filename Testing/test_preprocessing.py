@@ -1,12 +1,16 @@
 """The paper's preprocessing and its inverse: model space is 1.5 mm RAS in [0, 1], and maps come
 back onto the input's own grid for oblique and anisotropic inputs alike."""
 
+import copy
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
 from FSEFTSegmentLib.model.network import Architecture
+from monai.data import MetaTensor
+
 from FSEFTSegmentLib.preprocessing import CTPreprocessing, image_to_tensor
 from synthetic import body_phantom, oblique_direction
 
@@ -36,28 +40,59 @@ def test_model_space_is_isotropic_windowed_and_cropped(direction):
 
 
 @pytest.mark.parametrize("direction", [None, oblique_direction()], ids=["axis-aligned", "oblique"])
-def test_inverse_returns_maps_on_the_native_grid(direction):
+def test_inverse_returns_masks_on_the_native_grid(direction):
     image, organ = body_phantom(direction=direction)
     preprocessing = CTPreprocessing(Architecture())
     preprocessed = preprocessing(image)
     # a "prediction" in model space: the bright sphere, thresholded there
     organ_model_space = (preprocessed[0] > (200 + 175) / 425 - 0.05).float()
-    native = preprocessing.to_native(organ_model_space, preprocessed, image)
-    assert native.shape == organ.shape
-    mask = native > 0.5
+    mask = preprocessing.to_native_mask(organ_model_space, preprocessed, image)
+    assert mask.shape == organ.shape and mask.dtype == bool
     dice = 2 * (mask & organ).sum() / (mask.sum() + organ.sum())
     assert dice > 0.9
 
 
-def test_inverse_keeps_values_where_grids_coincide():
+def recorded_inverse(preprocessing: CTPreprocessing, channel: torch.Tensor, preprocessed: MetaTensor) -> np.ndarray:
+    """MONAI's own inverse of the recorded transforms, step by step, as a (k, j, i) array."""
+    mapped = MetaTensor(channel[None].float(), meta=preprocessed.meta)
+    mapped.applied_operations = copy.deepcopy(preprocessed.applied_operations)  # inverse pops from it
+    return preprocessing.transform.inverse(mapped)[0].numpy().transpose(2, 1, 0)
+
+
+@pytest.mark.parametrize("direction", [None, oblique_direction()], ids=["axis-aligned", "oblique"])
+@pytest.mark.parametrize("spacing", [(1.2, 0.9, 2.5), (0.7, 0.7, 5.0), (1.5, 1.5, 1.5)], ids=["anisotropic", "thick-slices", "model-grid"])
+@pytest.mark.parametrize("where", ["inside", "at-the-edges"])
+def test_masks_match_monais_recorded_inverse(direction, spacing, where):
+    """One resampling of the box around the voxels above the threshold, against MONAI undoing crop,
+    spacing and orientation one by one over the whole volume: the very same masks, also where
+    the structure touches the crop or the image's edge (MONAI holds edge values there)."""
+    image, _ = body_phantom(spacing=spacing, direction=direction)
+    preprocessing = CTPreprocessing(Architecture())
+    preprocessed = preprocessing(image)
+    smooth = torch.from_numpy(np.random.default_rng(0).random(preprocessed.shape[1:], dtype=np.float32))
+    smooth = torch.nn.functional.avg_pool3d(smooth[None, None], 5, stride=1, padding=2, count_include_pad=False)[0, 0]
+    if where == "inside":  # a blob away from every edge
+        x, y, z = (torch.arange(n, dtype=torch.float32)[:, None, None] for n in preprocessed.shape[1:])
+        centre = [(n - 1) / 2 for n in preprocessed.shape[1:]]
+        blob = torch.exp(-((x - centre[0]) ** 2 + (y.transpose(0, 1) - centre[1]) ** 2 + (z.permute(1, 2, 0) - centre[2]) ** 2) / 60)
+        probability = blob * (0.5 + smooth)
+    else:  # high everywhere in the crop: the masks reach its faces and the image's
+        probability = 0.3 + smooth
+    monai = recorded_inverse(preprocessing, probability, preprocessed)
+    for threshold in (0.35, 0.5, 0.6):
+        ours, theirs = preprocessing.to_native_mask(probability, preprocessed, image, threshold), monai > threshold
+        assert theirs.any() and (ours != theirs).sum() <= 1e-5 * ours.size  # float32 against float64 at the threshold
+    assert not preprocessing.to_native_mask(probability, preprocessed, image, 2.0).any()
+
+
+def test_inverse_keeps_voxels_where_grids_coincide():
     """3 mm -> 1.5 mm -> 3 mm samples the same points: the round trip is exact."""
     image, _ = body_phantom(size=(30, 30, 24), spacing=(3.0, 3.0, 3.0))
     preprocessing = CTPreprocessing(Architecture())
     preprocessed = preprocessing(image)
-    native = preprocessing.to_native(preprocessed[0], preprocessed, image)
     expected = np.clip((sitk.GetArrayFromImage(image) + 175) / 425, 0, 1)
-    inside = expected > 0
-    np.testing.assert_allclose(native[inside], expected[inside], atol=1e-5)
+    for threshold in (0.1, 0.5, 0.49):
+        np.testing.assert_array_equal(preprocessing.to_native_mask(preprocessed[0], preprocessed, image, threshold), expected > threshold)
 
 
 @pytest.mark.parametrize("direction", [None, oblique_direction()], ids=["axis-aligned", "oblique"])

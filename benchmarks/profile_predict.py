@@ -1,92 +1,125 @@
-"""Where a prediction's time goes, read to write, stage by stage (issue 16's starting point).
+"""Where a prediction's time goes, read to write, as a user meets it: `fseft predict`, stage by stage.
 
-Runs the prediction pipeline's own functions one after the other on the real abdomen CT of
-../shared/data (or a file given with --image) and times each: reading, preprocessing (RAS,
-resampling, HU window, crop), the network's windows, the inverse onto the native grid, the
-threshold, the optional body mask + largest component, and the .seg.nrrd writer. One process,
-torch's default threads; `--model` picks the bundled fseft-mini (default) or any checkpoint.
+Runs the real command (`python -m FSEFTSegmentLib predict ... --progress json`), one process per
+case, and reads the `stage_seconds` of its `study_done` event: read, preprocess (RAS, resampling,
+HU window, crop), network (windows + blending), to native grid (inverse resampling + threshold),
+[body mask + largest component,] write. Also the process's own start (imports, model load: the
+wall time outside the study) and its peak resident memory. Cases:
 
-    .venv/bin/python benchmarks/profile_predict.py [--model NAME|PATH] [--largest-component] [--json OUT]
+- the real abdomen CT of ../shared/data (122 x 101 x 112 at 3 mm, NIfTI);
+- a DICOM series made from it: resampled to 512 x 512 x 20 (0.71 mm in-plane, 5 mm slices),
+  int16, one file a slice (the shape of a clinical thick-slice series; its content is the
+  same CT, so the network sees the same anatomy);
+
+each with the bundled fseft-mini (trained weights) and the full-size network (feature size 48,
+random weights: timing does not depend on them). Default settings, torch's default threads.
+
+    .venv/bin/python benchmarks/profile_predict.py [--models fseft-mini,full] [--largest-component] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import SHARED_DATA  # noqa: E402
-from FSEFTSegmentLib.inference import InferenceSettings, SegmentationPredictor, body_mask, keep_largest_component  # noqa: E402
-from FSEFTSegmentLib.io.images import read_image  # noqa: E402
-from FSEFTSegmentLib.model import load_foundation_model  # noqa: E402
-from FSEFTSegmentLib.prediction import model_structures, write_outputs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "Testing"))
+from common import SHARED_DATA  # noqa: E402  (beside this script)
 
 ABDOMEN = SHARED_DATA / "real-ct" / "totalseg-abdomen" / "ct.nii.gz"
 
 
-def profile(model: str, image_path: Path, largest_component: bool) -> dict:
-    stages: dict[str, float] = {}
+def thick_slice_series(ct: Path, folder: Path) -> Path:
+    """The CT resampled onto a 512 x 512 x 20 grid of 5 mm slices over its centre, as a DICOM series."""
+    import SimpleITK as sitk
+    from synthetic import write_dicom_series
 
-    def timed(name: str, work):
+    image = sitk.ReadImage(str(ct), sitk.sitkFloat32)
+    size = (512, 512, 20)
+    spacing = (image.GetSize()[0] * image.GetSpacing()[0] / 512, image.GetSize()[1] * image.GetSpacing()[1] / 512, 5.0)
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing(spacing)
+    grid.SetDirection(image.GetDirection())
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    offset = grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size])
+    grid.SetOrigin([c - o for c, o in zip(centre, offset)])
+    series = sitk.Cast(sitk.Round(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024.0)), sitk.sitkInt16)
+    write_dicom_series(series, folder, "1.2.826.0.1.3680043.2.1125.16.512")
+    return folder
+
+
+def full_size_checkpoint(path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from FSEFTSegmentLib.model.network import Architecture, FoundationSwinUNETR
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in FoundationSwinUNETR(Architecture()).state_dict().items()}, str(path))
+    return path
+
+
+def run_case(model: str, image: Path, out: Path, largest_component: bool) -> dict:
+    """One `fseft predict` process: its study's stage seconds, its start, its peak memory."""
+    command = [sys.executable, "-m", "FSEFTSegmentLib", "predict", str(image), "--model", model, "--out", str(out), "--progress", "json"]
+    command += ["--largest-component"] if largest_component else []
+    with tempfile.TemporaryFile("w+") as errors:
         started = time.perf_counter()
-        result = work()
-        stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
-        return result
-
-    network = timed("load model", lambda: load_foundation_model(model))
-    predictor = SegmentationPredictor(network, torch.device("cpu"), InferenceSettings(largest_component=largest_component))
-    image = timed("read", lambda: read_image(image_path))
-    volume = timed("preprocess", lambda: predictor.preprocessing(image))
-    logits = timed("network (windows + blending)", lambda: predictor.logits(volume, [network.classifier]))
-    masks = np.empty((logits.shape[0],) + tuple(reversed(image.GetSize())), dtype=np.uint8)
-    body = timed("body mask", lambda: body_mask(image)) if largest_component else None
-    for channel in range(logits.shape[0]):
-        probability = timed("sigmoid + inverse to native grid", lambda: predictor.preprocessing.to_native(torch.sigmoid(logits[channel]), volume, image))
-        masks[channel] = timed("threshold", lambda: probability > 0.5)
-        if largest_component:
-            masks[channel] = timed("largest component", lambda: keep_largest_component(masks[channel] & body))
-    with tempfile.TemporaryDirectory() as folder:
-        timed("write .seg.nrrd", lambda: write_outputs(masks, image, model_structures(network.architecture), Path(folder), "ct", ("seg.nrrd",)))
-    read_to_write = sum(seconds for name, seconds in stages.items() if name != "load model")
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT)
+        stdout = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)  # reaps it with its own resource usage
+        wall = time.perf_counter() - started
+        child.stdout.close()
+        if os.waitstatus_to_exitcode(status):
+            errors.seek(0)
+            raise SystemExit(f"fseft predict failed on {image}:\n{errors.read().strip()}")
+    done = next(json.loads(line) for line in stdout.splitlines() if '"study_done"' in line)
+    stages = done["stage_seconds"]
+    study = sum(stages.values())
     return {
-        "model": model,
-        "image": str(image_path),
-        "native_size": list(image.GetSize()),
-        "model_space_size": list(volume.shape[1:]),
-        "threads": torch.get_num_threads(),
-        "seconds": {name: round(seconds, 3) for name, seconds in stages.items()},
-        "read_to_write_seconds": round(read_to_write, 3),
-        "share_outside_network": round(1 - stages["network (windows + blending)"] / read_to_write, 3),
+        "stage_seconds": stages,
+        "read_to_write_seconds": round(study, 3),
+        "share_outside_network": round(1 - stages["network"] / study, 3),
+        "process_seconds": round(wall, 2),
+        "start_seconds": round(wall - done["seconds"], 2),  # imports, model load, event stream
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="fseft-mini")
-    parser.add_argument("--image", type=Path, default=ABDOMEN)
+    parser.add_argument("--models", default="fseft-mini,full", help="comma-separated: fseft-mini (bundled), full (full-size, random weights), or checkpoint paths")
     parser.add_argument("--largest-component", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not args.image.exists():
-        print(f"no image at {args.image} (give --image, or put ../shared/data beside the project)", file=sys.stderr)
+    if not ABDOMEN.exists():
+        print(f"no CT at {ABDOMEN} (set FSEFT_SHARED_DATA, or put ../shared/data beside the project)", file=sys.stderr)
         return 2
-    result = profile(args.model, args.image, args.largest_component)
-    width = max(map(len, result["seconds"]))
-    for name, seconds in result["seconds"].items():
-        print(f"{name:{width}}  {seconds:8.3f} s")
-    print(f"{'read to write':{width}}  {result['read_to_write_seconds']:8.3f} s  "
-          f"({100 * result['share_outside_network']:.0f} % outside the network)")
+    import torch
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fseft-profile-") as scratch:
+        scratch = Path(scratch)
+        cases = {"abdomen CT (NIfTI, 122x101x112)": ABDOMEN, "DICOM series (512x512x20)": thick_slice_series(ABDOMEN, scratch / "dicom")}
+        for model in args.models.split(","):
+            weights = str(full_size_checkpoint(scratch / "full.safetensors")) if model == "full" else model
+            for case, image in cases.items():
+                result = {"model": model, "case": case, "threads": torch.get_num_threads(), **run_case(weights, image, scratch / "out", args.largest_component)}
+                results.append(result)
+                stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in result["stage_seconds"].items())
+                print(f"{model:10} {case:32} {result['read_to_write_seconds']:7.2f} s read to write "
+                      f"({100 * result['share_outside_network']:.0f} % outside the network: {stages}); "
+                      f"process {result['process_seconds']:.1f} s, start {result['start_seconds']:.1f} s, peak {result['peak_rss_mb']} MB", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

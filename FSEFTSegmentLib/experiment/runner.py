@@ -36,12 +36,13 @@ from ..adaptation import SupportSpec, Target, prepare_support, pretrained_rows, 
 from ..errors import Cancelled, FSEFTError, InputError
 from ..evaluation import paper_dice, score_masks
 from ..feature_cache import FeatureCache
-from ..inference import Head, InferenceSettings, SegmentationPredictor, choose_device, keep_largest_component
+from ..inference import Head, InferenceSettings, SegmentationPredictor, choose_device, keep_largest_component, windows_per_batch
 from ..io.files import atomic_write, ensure_folder
 from ..io.images import read_image
 from ..methods import get_method
 from ..methods.adapted import AdaptedModel
 from ..model import load_foundation_model
+from ..model.network import Architecture
 from ..model.registry import model_sha256
 from ..prediction import model_structures
 from ..preprocessing import CTPreprocessing
@@ -212,10 +213,11 @@ def _clock(seconds: float) -> str:
 # ------------------------------------------------------------------------------------ one run
 
 
-def head_logits(head: torch.nn.Module, cache: FeatureCache, roi: int, settings: TrainingSettings, device: torch.device) -> torch.Tensor:
+def head_logits(head: torch.nn.Module, cache: FeatureCache, architecture: Architecture, settings: TrainingSettings, device: torch.device) -> torch.Tensor:
     """A head applied to cached whole-volume features in prediction's windows and Gaussian blending:
     (C, X, Y, Z) logits on the unpadded volume."""
     head = head.to(device).eval()
+    roi = architecture.patch_size
 
     def window_logits(_, coordinates) -> torch.Tensor:  # MONAI gives each window's slices; the cache its features
         starts = [[int(s.start) for s in window[2:]] for window in coordinates]
@@ -224,7 +226,7 @@ def head_logits(head: torch.nn.Module, cache: FeatureCache, roi: int, settings: 
     placeholder = torch.zeros((1, 1, *cache.shape))  # MONAI's window grid over the cache, in float32
     with torch.inference_mode():
         logits = sliding_window_inference(
-            placeholder, (roi,) * 3, settings.sw_batch_size, window_logits, overlap=settings.overlap, mode="gaussian",
+            placeholder, (roi,) * 3, windows_per_batch(device, architecture, settings.sw_batch_size), window_logits, overlap=settings.overlap, mode="gaussian",
             sw_device=device, device=torch.device("cpu"), with_coord=True,
         )[0]
     offset, shape = cache.valid
@@ -264,7 +266,7 @@ def score_case(logits: torch.Tensor, store: CaseStore, task: Task, case_id: str)
             spaces["model_space"] = _metrics(pred, ref, spacing, scoring.surface_tolerance_mm, paper_dice(pred > 0, ref > 0))
         if "native" in scoring.spaces:
             reference = store.references(task, case_id)[channel]
-            pred = (store.preprocessing.to_native(probabilities[channel], case.volume, case.image) > 0.5).astype(np.uint8)
+            pred = store.preprocessing.to_native_mask(probabilities[channel], case.volume, case.image).astype(np.uint8)
             if scoring.prediction_largest_component:
                 pred = keep_largest_component(pred)
             spaces["native"] = _metrics(pred, sitk.GetArrayViewFromImage(reference) > 0, reference.GetSpacing(), scoring.surface_tolerance_mm)
@@ -301,7 +303,7 @@ def execute(run: RunSpec, store: CaseStore, progress: Progress) -> dict:
         scores = {}
         for test in tests:
             if black_box:
-                logits = head_logits(model.head, store.features(test.id), network.architecture.patch_size, settings, device)
+                logits = head_logits(model.head, store.features(test.id), network.architecture, settings, device)
             else:
                 logits = predictor.logits(test.volume, [Head.of(model)], study=test.id)
             scores[test.id] = score_case(logits, store, task, test.id)

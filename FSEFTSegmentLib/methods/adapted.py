@@ -55,8 +55,9 @@ class AdaptedModel(nn.Module):
         return self.head(self.network.features(x))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Exactly the tensors training changes (what an adapter artefact stores)."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """Exactly the tensors training changes (what an adapter artefact stores), in the standard
+        layout even when the network runs channels-last (`model.network.prefers_channels_last`)."""
+        return {name: p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad}
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
