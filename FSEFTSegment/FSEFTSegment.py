@@ -72,7 +72,7 @@ class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui = self.ui
         for widget, signal in ((ui.modelComboBox, "currentIndexChanged(int)"), (ui.deviceComboBox, "currentIndexChanged(int)"),
                                (ui.methodComboBox, "currentIndexChanged(int)"), (ui.tuneDecoderCheckBox, "toggled(bool)"),
-                               (ui.sizePriorCheckBox, "toggled(bool)"), (ui.seedSpinBox, "valueChanged(int)"),
+                               (ui.sizePriorCheckBox, "toggled(bool)"), (ui.softmaxHeadCheckBox, "toggled(bool)"), (ui.seedSpinBox, "valueChanged(int)"),
                                (ui.maxEpochsSpinBox, "valueChanged(int)"), (ui.structuresComboBox, "checkedIndexesChanged()"),
                                (ui.supportsTable, "itemChanged(QTableWidgetItem*)"), (ui.queryVolumesSelector, "checkedNodesChanged()"),
                                (ui.segmentVolumesSelector, "checkedNodesChanged()"), (ui.structuresLineEdit, "editingFinished()"),
@@ -157,6 +157,7 @@ class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.methodCostLabel.text = method.get("note", "") + ("" if method.get("fits") is not False else
                                                             "  — more than the GPU's free memory: expect the CPU fallback or pick a lighter method")
         ui.tuneDecoderCheckBox.checked, ui.seedSpinBox.value, ui.maxEpochsSpinBox.value = p.tuneDecoder, p.seed, p.maxEpochs
+        ui.softmaxHeadCheckBox.checked = p.softmaxHead
         ui.sizePriorCheckBox.enabled = panel.size_prior_allowed(method["black_box"], p.tuneDecoder)
         ui.sizePriorCheckBox.checked = p.sizePrior and ui.sizePriorCheckBox.enabled
         for selector, role in ((ui.queryVolumesSelector, "query"), (ui.segmentVolumesSelector, "segment")):
@@ -220,7 +221,7 @@ class FSEFTSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.set_volumes("query", list(ui.queryVolumesSelector.checkedNodes()))
         p.set_volumes("segment", list(ui.segmentVolumesSelector.checkedNodes()))
         p.method = panel.ADAPTATION_METHODS[ui.methodComboBox.currentIndex] if ui.methodComboBox.currentIndex >= 0 else p.method
-        p.tuneDecoder, p.sizePrior = ui.tuneDecoderCheckBox.checked, ui.sizePriorCheckBox.checked
+        p.tuneDecoder, p.sizePrior, p.softmaxHead = ui.tuneDecoderCheckBox.checked, ui.sizePriorCheckBox.checked, ui.softmaxHeadCheckBox.checked
         p.seed, p.maxEpochs, p.predictStructures = ui.seedSpinBox.value, ui.maxEpochsSpinBox.value, ui.structuresLineEdit.text
         self.refresh()
 

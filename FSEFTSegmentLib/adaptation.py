@@ -35,7 +35,7 @@ from .prediction import model_structures
 from .preprocessing import CTPreprocessing
 from .priors import expected_volume_range
 from .progress import Progress
-from .training import TrainingCase, TrainingResult, TrainingSettings, adapt
+from .training import TrainingCase, TrainingResult, TrainingSettings, adapt, adapt_per_query
 
 LABEL_GRID_TOLERANCE = 1e-3  # mm (origin), relative (spacing), absolute (direction cosines)
 
@@ -150,6 +150,7 @@ class AdaptationRun:
     model: AdaptedModel
     result: TrainingResult
     metadata: dict
+    query: str | None = None  # the one query of a per-query (transductive) episode
 
 
 def run_adaptation(
@@ -164,8 +165,12 @@ def run_adaptation(
     progress: Progress,
     tune_decoder: bool = False,
     should_stop: Callable[[], bool] | None = None,
-) -> AdaptationRun:
-    """Prepare supports and queries, train, and return the adapted model with its metadata."""
+    softmax: bool = False,
+) -> list[AdaptationRun]:
+    """Prepare supports and queries, train, and return the adapted model(s) with their metadata:
+    one run, or with the size prior in per-query mode and several queries one run per query
+    (the paper's episodes, in query order). `softmax`: the paper's multi-class head (background +
+    argmax) instead of one sigmoid per structure."""
     method = get_method(method_name)
     if tune_decoder and not method.combines_with_decoder:
         raise InputError(f"--tune-decoder does not combine with '{method.name}' (it already trains the decoder)")
@@ -189,40 +194,60 @@ def run_adaptation(
         if twin:
             progress.warning(f"{path}: this query is also a support ({twin}); its prediction is not a fair test")
         query_cases.append(TrainingCase(default_id(path), preprocessing(image), None))
+    ids = [case.id for case in query_cases]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"two queries share the study id {next(i for i in ids if ids.count(i) > 1)!r}; rename one")
 
     structures = [t.structure for t in targets]
     rows = pretrained_rows(network, structures)
-    torch.manual_seed(settings.seed)  # new head rows and adapter weights are drawn here
-    model = AdaptedModel(network, method, rows, tune_decoder)
+
+    def build_model() -> AdaptedModel:
+        torch.manual_seed(settings.seed)  # new head rows and adapter weights are drawn here
+        return AdaptedModel(network, method, rows, tune_decoder, softmax)
+
     started = time.monotonic()
-    result = adapt(model, [p.case for p in prepared], settings, device, progress, queries=query_cases, should_stop=should_stop, structure_names=names)
+    cases = [p.case for p in prepared]
+    if settings.size_prior and settings.size_prior_mode == "per-query" and len(query_cases) > 1:
+        episodes = adapt_per_query(build_model, cases, query_cases, settings, device, progress, should_stop, names)
+        trained = [(model, result, [path], case.id) for (model, result), path, case in zip(episodes, queries, query_cases)]
+    else:
+        model = build_model()
+        result = adapt(model, cases, settings, device, progress, queries=query_cases, should_stop=should_stop, structure_names=names)
+        trained = [(model, result, list(queries), None)]
+    seconds = round(time.monotonic() - started, 2)
     expected = {
         s.name: list(expected_volume_range([p.volumes_ml[i] for p in prepared], settings.size_prior_gamma))
         for i, s in enumerate(structures)
     }
-    metadata = {
-        "format": 1,
-        "base_model": base,
-        "method": method.name,
-        "tune_decoder": tune_decoder,
-        "hyper_parameters": asdict(settings),
-        "structures": [
-            {"name": s.name, "display_name": s.display_name, "color": list(s.color), "terminology": s.slicerio_terminology(), "pretrained_row": row}
-            for s, row in zip(structures, rows)
-        ],
-        "k": len(prepared),
-        "supports": [p.record for p in prepared],
-        "queries": [str(q) for q in queries],
-        "seed": settings.seed,
-        "size_prior": result.size_prior,
-        "expected_volumes_ml": expected,
-        "training_curve": result.curve,
-        "epochs": result.epochs,
-        "stopped_early": result.stopped_early,
-        "training_seconds": round(time.monotonic() - started, 2),
-        "trainable_parameters": model.trainable_count(),
-        "device": str(device),
-        "versions": library_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return AdaptationRun(model, result, metadata)
+    runs = []
+    for model, result, its_queries, query in trained:
+        metadata = {
+            "format": 1,
+            "base_model": base,
+            "method": method.name,
+            "tune_decoder": tune_decoder,
+            "hyper_parameters": {**asdict(settings), "learning_rate": result.learning_rate, "max_epochs": result.max_epochs,
+                                 "weight_decay": result.weight_decay},
+            "precision": result.step_precision,  # what the gradient steps ran in
+            "feature_cache": result.feature_cache,
+            "structures": [
+                {"name": s.name, "display_name": s.display_name, "color": list(s.color), "terminology": s.slicerio_terminology(), "pretrained_row": row}
+                for s, row in zip(structures, rows)
+            ],
+            "k": len(prepared),
+            "supports": [p.record for p in prepared],
+            "queries": [str(q) for q in its_queries],
+            "seed": settings.seed,
+            "size_prior": result.size_prior,
+            "expected_volumes_ml": expected,
+            "training_curve": result.curve,
+            "epochs": result.epochs,
+            "stopped_early": result.stopped_early,
+            "training_seconds": round(result.seconds, 2) if query else seconds,
+            "trainable_parameters": model.trainable_count(),
+            "device": str(device),
+            "versions": library_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        runs.append(AdaptationRun(model, result, metadata, query))
+    return runs

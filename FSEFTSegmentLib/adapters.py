@@ -198,7 +198,7 @@ def save_adapter(folder: str | os.PathLike, model: AdaptedModel, metadata: dict)
         raise ValueError("adapter metadata 'base_model' needs 'name' and 'sha256'")
     if metadata.get("method", model.method.name) != model.method.name:
         raise ValueError(f"metadata method '{metadata['method']}' is not the model's '{model.method.name}'")
-    outputs = model.head[-1].out_channels
+    outputs = model.structure_count
     if len(metadata["structures"]) != outputs:
         raise ValueError(f"{len(metadata['structures'])} structures in the metadata for {outputs} head outputs")
     if folder.exists() and not _is_adapter_folder(folder) and not (folder.is_dir() and not any(folder.iterdir())):
@@ -216,6 +216,7 @@ def save_adapter(folder: str | os.PathLike, model: AdaptedModel, metadata: dict)
         document.update(
             method=model.method.name,
             tune_decoder=bool(model.tune_decoder),
+            head="softmax" if model.softmax else "sigmoid",
             trainable_parameters=model.trainable_count(),
             tensors_sha256=sha256_file(staging / TENSORS_FILE),
         )
@@ -330,7 +331,10 @@ def load_adapter(folder: str | os.PathLike, network: FoundationSwinUNETR, base_s
     rows = [entry.get("pretrained_row") for entry in metadata["structures"]]
     if any(row is not None and not (isinstance(row, int) and 0 <= row < network.architecture.out_channels) for row in rows):
         raise InputError(f"a pretrained_row is outside the base model's {network.architecture.out_channels} classes", folder / METADATA_FILE)
-    model = AdaptedModel(network, get_method(metadata["method"]), rows, tune_decoder=bool(metadata.get("tune_decoder")))
+    head = metadata.get("head", "sigmoid")  # adapters written before the softmax head existed are sigmoid
+    if head not in ("sigmoid", "softmax"):
+        raise InputError(f"unknown head '{head}' (sigmoid or softmax)", folder / METADATA_FILE)
+    model = AdaptedModel(network, get_method(metadata["method"]), rows, tune_decoder=bool(metadata.get("tune_decoder")), softmax=head == "softmax")
     expected = model.trainable_state()
     problems = []
     missing = sorted(set(expected) - set(tensors))

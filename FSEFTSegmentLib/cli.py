@@ -56,6 +56,7 @@ def cmd_predict(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import (
+        Scoring,
         evaluate,
         parse_structure_selectors,
         scores_table,
@@ -64,9 +65,10 @@ def cmd_evaluate(args) -> int:
     )
 
     selectors = parse_structure_selectors(args.structure or [])
-    scores = evaluate(args.pred, args.ref, selectors, tolerance_mm=args.tolerance)
-    print(scores_table(scores))
-    meta = {"pred": str(args.pred), "ref": str(args.ref), "tolerance_mm": args.tolerance}
+    scoring = Scoring.from_options(args.scoring, args.image, args.model)
+    scores = evaluate(args.pred, args.ref, selectors, tolerance_mm=args.tolerance, scoring=scoring)
+    print(scores_table(scores, scoring.note(len(scores))))
+    meta = {"pred": str(args.pred), "ref": str(args.ref), "tolerance_mm": args.tolerance, **scoring.meta(len(scores))}
     if args.json:
         write_scores_json(args.json, scores, meta)
     if args.csv:
@@ -138,6 +140,7 @@ def cmd_adapt(args) -> int:
     from .io.files import ensure_folder
     from .adapters import save_adapter
     from .inference import choose_device
+    from .io.studies import default_id
     from .methods import get_method
     from .model import load_foundation_model
     from .model.registry import model_sha256
@@ -149,8 +152,10 @@ def cmd_adapt(args) -> int:
     targets = [parse_target(text) for text in args.structure or []]
     supports = [parse_support(image, labels) for image, labels in args.support or []]
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "adapter.json").exists())):
-        raise InputError("exists and is not an adapter folder; choose a new --out", out)
+    episodes = args.size_prior and args.size_prior_mode == "per-query" and len(args.query or []) > 1
+    for folder in [out.parent / f"{out.name}-{default_id(q)}" for q in args.query] if episodes else [out]:
+        if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "adapter.json").exists())):
+            raise InputError("exists and is not an adapter folder; choose a new --out", folder)
     ensure_folder(out.parent)  # before minutes of training, not after
     device = choose_device(args.device)
     args.model = args.model or default_model()
@@ -163,26 +168,36 @@ def cmd_adapt(args) -> int:
         size_prior=args.size_prior,
         size_prior_gamma=args.size_prior_gamma,
         size_prior_weight=args.size_prior_weight,
+        size_prior_mode=args.size_prior_mode,
+        precision=args.precision,
+        feature_cache=False if args.no_feature_cache else None,
         **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
         **({"crops_per_step": args.crops_per_step} if args.crops_per_step else {}),
     )
-    run = run_adaptation(
+    runs = run_adaptation(
         network, base, args.method, targets, supports, [Path(q) for q in args.query or []],
-        settings, device, progress, tune_decoder=args.tune_decoder,
+        settings, device, progress, tune_decoder=args.tune_decoder, softmax=args.head == "softmax",
     )
-    try:
-        path = save_adapter(out, run.model, run.metadata)
-    except OSError as error:
-        raise InputError(f"cannot write the adapter ({error.strerror or error})", out) from None
-    for structure, prior in (run.result.size_prior or {}).items():
-        low, high = prior["range_ml"]
-        sizes = ", ".join(f"{query} {size['ml']:.1f} mL" for query, size in prior["queries"].items())
-        progress.info(f"size prior {structure}: S = {prior['prior_ml']:.1f} mL (allowed {low:.1f}-{high:.1f} mL); predicted: {sizes}", size_prior={structure: prior})
+    saved = []
+    for run in runs:  # one adapter, or one per query (episodes): OUT-<query id> beside OUT
+        folder = out.parent / f"{out.name}-{run.query}" if run.query else out
+        try:
+            saved.append(save_adapter(folder, run.model, run.metadata))
+        except OSError as error:
+            raise InputError(f"cannot write the adapter ({error.strerror or error})", folder) from None
+    for run in runs:
+        for structure, prior in (run.result.size_prior or {}).items():
+            low, high = prior["range_ml"]
+            sizes = ", ".join(f"{query} {size['ml']:.1f} mL" for query, size in prior["queries"].items())
+            progress.info(f"size prior {structure}: S = {prior['prior_ml']:.1f} mL (allowed {low:.1f}-{high:.1f} mL); predicted: {sizes}", size_prior={structure: prior})
     if args.predict_queries and args.query:
         from .prediction import predict_with_adapters
 
-        predict_with_adapters(network_ref=args.model, adapters=[path], inputs=args.query, out=path / "predictions", device=device, progress=progress)
-    progress.emit("adapter", path=str(path), message=f"adapter written to {path}")
+        for path, run in zip(saved, runs):
+            queries = [q for q in args.query if default_id(q) == run.query] if run.query else args.query
+            predict_with_adapters(network_ref=args.model, adapters=[path], inputs=queries, out=path / "predictions", device=device, progress=progress)
+    for path in saved:
+        progress.emit("adapter", path=str(path), message=f"adapter written to {path}")
     return 0
 
 
@@ -289,26 +304,44 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ref", required=True, type=Path)
     evaluate.add_argument("--structure", action="append", metavar="NAME=VALUE", help="structure and its label value (repeatable)")
     evaluate.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default: %(default)s)")
+    evaluate.add_argument("--scoring", choices=("native", "paper"), default="native",
+                          help="native: on the reference's grid, Dice 2TP/(|P|+|G|); paper: as the paper, in the model space of "
+                          "--image, Dice 2TP/(|P|+|G|+1), one structure's reference cut to its largest component (default: %(default)s)")
+    evaluate.add_argument("--image", type=Path, help="--scoring paper: the CT the prediction was made on")
+    evaluate.add_argument("--model", help="--scoring paper: registered model name or checkpoint path whose spacing and HU window define "
+                          "the model space; its weights are not read (default: the registry's default model)")
     evaluate.add_argument("--json", type=Path, help="also write the scores as JSON")
     evaluate.add_argument("--csv", type=Path, help="also write the scores as CSV")
     evaluate.set_defaults(run=cmd_evaluate)
 
     adapt = commands.add_parser("adapt", help="adapt the model to structures from a few annotated studies")
     adapt.add_argument("--model", help="registered model name or checkpoint path (default: the registry's default model)")
-    adapt.add_argument("--method", required=True, help="linear-probe, spatial-adapter, adapter-1x1, bitfit, affine-ln, lora, adaptformer or full (see: fseft methods)")
+    adapt.add_argument("--method", required=True, help="linear-probe, spatial-adapter, adapter-1x1, bitfit, affine-ln, lora, adaptformer, full, or the 2023 workshop's adapter-2023 and ft-last (see: fseft methods)")
     adapt.add_argument("--tune-decoder", action="store_true", help="also fine-tune the decoder (the paper's decoder fine-tuning)")
+    adapt.add_argument("--head", choices=("sigmoid", "softmax"), default="sigmoid",
+                       help="sigmoid: one output per structure, structures may overlap; softmax: one class per voxel, background "
+                       "included, argmax at prediction (the paper's multi-organ head; labels must not overlap) (default: %(default)s)")
     adapt.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "LABELS"), help="an annotated study: image and label map[:VALUE] or .seg.nrrd[:SEGMENT] (repeatable)")
     adapt.add_argument("--structure", action="append", metavar="NAME[=VALUE]", help="target structure (repeatable); VALUE/SEGMENT selects it in the label files")
     adapt.add_argument("--query", action="append", metavar="IMAGE", help="unlabelled study for transductive inference / prediction (repeatable)")
     adapt.add_argument("--size-prior", action="store_true", help="constrain query sizes with the supports' size prior (black-box methods)")
     adapt.add_argument("--size-prior-gamma", type=float, default=0.3, help="tolerance around the prior size (default: %(default)s)")
     adapt.add_argument("--size-prior-weight", type=float, default=0.1, help="weight lambda of the size-prior term (default: %(default)s)")
+    adapt.add_argument("--size-prior-mode", choices=("per-query", "joint"), default="per-query",
+                       help="per-query: one adapter per query, OUT-<query id> each (the paper's transductive episodes; "
+                       "one query: OUT); joint: one adapter for all the queries, their size terms averaged (default: %(default)s)")
     adapt.add_argument("--predict-queries", action="store_true", help="also segment the queries into OUT/predictions")
     adapt.add_argument("--out", required=True, help="adapter folder to write")
     adapt.add_argument("--seed", type=int, default=0)
-    adapt.add_argument("--max-epochs", type=int, default=200, help="upper bound; early stopping usually ends sooner (default: %(default)s)")
+    adapt.add_argument("--max-epochs", type=int, help="upper bound; early stopping usually ends sooner (default: 200; the 2023 workshop methods: 100)")
     adapt.add_argument("--learning-rate", type=float, help="override the method's default learning rate")
     adapt.add_argument("--crops-per-step", type=int, help="random crops per step (default: 6, as the paper)")
+    adapt.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="gradient steps' precision, recorded in the adapter. auto: bf16 on CUDA and, for head steps on cached "
+                       "features, on CPUs with native bf16; fp32 elsewhere (default: %(default)s)")
+    adapt.add_argument("--no-feature-cache", action="store_true",
+                       help="black-box methods: run the frozen backbone on every crop, with the intensity-shift augmentation, "
+                       "as the paper's code (slower; default: features computed once per support)")
     adapt.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     adapt.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     adapt.set_defaults(run=cmd_adapt)

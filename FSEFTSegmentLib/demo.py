@@ -92,6 +92,7 @@ class DemoPlan:
             crops_per_step=self.black_box_crops if black_box else 1,
             early_stop=False,
             size_prior=variant.size_prior,
+            size_prior_mode="joint",  # one adapter per variant, for every query, so each query's table row compares like with like
             seed=self.seed,
         )
 

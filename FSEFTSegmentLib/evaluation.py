@@ -1,25 +1,40 @@
 """Compare a predicted segmentation with a reference: Dice, surface Dice, HD95 and volumes.
 
-`fseft evaluate --pred P --ref R [--structure NAME=VALUE ...]` is a thin face over `evaluate`.
+`fseft evaluate --pred P --ref R [--structure NAME=VALUE ...] [--scoring native|paper]` is a thin
+face over `evaluate`.
 
-Metrics (MONAI, on the reference's grid, distances in mm from the image spacing, so
-anisotropic voxels count at their true size):
+Two scorings, because the product's numbers and the paper's answer different questions:
 
-* Dice: the standard 2|P∩G| / (|P| + |G|). The paper's Dice adds +1 to numerator and
-  denominator (smoothing); we do not, so a tiny structure is not flattered.
+* native (default): on the reference's grid, where the user's masks live.
+* paper: as the paper scores, to compare with its tables: in the model's working space of the CT
+  the prediction was made on (`CTPreprocessing` of `--image` for `--model`'s spacing and HU window:
+  RAS, isotropic, cropped to the voxels above the window's floor), both masks moved there with
+  nearest neighbour (what falls outside the crop is not scored, as in the paper), the
+  reference cut to its largest 26-connected component when one structure is scored (a binary task),
+  and Dice as `paper_dice`. The other metrics and the volumes are then measured in that space.
+
+Metrics (MONAI, distances in mm from the grid's spacing, so anisotropic voxels count at their
+true size):
+
+* Dice, native: the standard 2|P∩G| / (|P| + |G|). Paper: 2|P∩G| / (|P| + |G| + 1), +1 in the
+  denominator only, which pulls every score slightly below 1 (a perfect n-voxel prediction gets
+  2n / (2n + 1)) and gives 0 when both masks are empty.
 * surface Dice (normalized surface distance, Nikolov et al.): the fraction of both surfaces
   lying within `tolerance_mm` of the other surface (MONAI `compute_surface_dice`).
 * HD95: the 95th percentile of surface-to-surface distances, the larger of the two
   directions (MONAI `compute_hausdorff_distance`, percentile=95), in mm.
-* volumes: voxel counts times the reference voxel volume, in ml.
+* volumes: voxel counts times the voxel volume of the grid scored on (the reference's or the
+  model space's), in ml.
 
-Empty masks, where MONAI answers nan: both empty -> Dice 1, surface Dice 1, HD95 0 (the
-prediction is exactly right: nothing there); one empty -> Dice 0, surface Dice 0, HD95 inf
-(no surface to measure to). inf is printed as "inf", written to JSON as null and to CSV as "inf".
+Empty masks, where MONAI answers nan: both empty -> Dice 1 (paper scoring: 0, its formula),
+surface Dice 1, HD95 0 (the prediction is exactly right: nothing there); one empty -> Dice 0,
+surface Dice 0, HD95 inf (no surface to measure to). inf is printed as "inf", written to JSON as
+null and to CSV as "inf". Every row, in the JSON and the CSV, names its `scoring`.
 
 Grids: a prediction on another grid (size, spacing, origin or direction differing beyond float
 round-off) is resampled onto the reference grid with nearest neighbour, with a warning; one that
-does not overlap the reference physically at all is refused.
+does not overlap the reference physically at all is refused. In paper scoring each mask goes from
+its own grid to the model space (one resampling each); one that misses the image is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +48,8 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,6 +60,9 @@ from .io.images import same_grid
 from .io.segmentations import read_structure_mask
 from .labels import resolve_structure
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from .model.network import Architecture
 
 Selector = tuple[str, str, str]  # (structure name, prediction selector, reference selector)
 
@@ -58,6 +77,7 @@ class StructureScore:
     ref_voxels: int
     pred_volume_ml: float
     ref_volume_ml: float
+    scoring: str = "native"  # which Dice and which space: see the module docstring
 
 
 # ----------------------------------------------------------------------------- selectors
@@ -188,14 +208,18 @@ def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return points.min(axis=0), points.max(axis=0)
 
 
+def _overlap(a: sitk.Image, b: sitk.Image) -> bool:
+    (alo, ahi), (blo, bhi) = _physical_box(a), _physical_box(b)
+    return not (np.any(ahi <= blo) or np.any(bhi <= alo))
+
+
 def match_grid(pred: sitk.Image, ref: sitk.Image, pred_path: str | os.PathLike = "") -> tuple[sitk.Image, str | None]:
     """The prediction on the reference grid, and a note when it had to be resampled."""
     if pred.GetDimension() != ref.GetDimension():
         raise InputError(f"prediction is {pred.GetDimension()}D, reference {ref.GetDimension()}D", pred_path or None)
     if same_grid(pred, ref):
         return pred, None
-    (plo, phi), (rlo, rhi) = _physical_box(pred), _physical_box(ref)
-    if np.any(phi <= rlo) or np.any(rhi <= plo):
+    if not _overlap(pred, ref):
         raise InputError("prediction and reference do not overlap in space (different scans?)", pred_path or None)
     resampled = sitk.Resample(pred, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     note = (
@@ -258,12 +282,108 @@ def score_masks(name: str, pred: sitk.Image, ref: sitk.Image, tolerance_mm: floa
     return score
 
 
+# ----------------------------------------------------------------------------- scoring
+
+SCORINGS = ("native", "paper")
+
+
+def model_architecture(model: str | os.PathLike) -> Architecture:
+    """A model's working space without reading its weights: a registered model's from the registry,
+    a checkpoint file's from its metadata (else the defaults), as `load_foundation_model` takes them."""
+    from .model.registry import load_registry, resolve_model
+
+    if not Path(model).expanduser().is_file():
+        registry = load_registry()
+        if os.fspath(model) in registry:
+            return registry[os.fspath(model)].architecture
+    return resolve_model(model)[1]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Which scoring `evaluate` applies (see the module docstring); paper scoring needs the CT the
+    prediction was made on and the model whose working space it scores in."""
+
+    name: str = "native"
+    image: Path | None = None
+    model: str = ""
+    architecture: Architecture | None = None
+
+    @classmethod
+    def from_options(cls, name: str, image: str | os.PathLike | None = None, model: str | os.PathLike | None = None) -> Scoring:
+        """`--scoring`, `--image` and `--model` checked together; the model defaults to the registry's default."""
+        if name not in SCORINGS:
+            raise InputError(f"unknown scoring {name!r}; choose from {', '.join(SCORINGS)}")
+        if name == "native":
+            if image is not None or model is not None:
+                raise InputError("--image and --model go with --scoring paper")
+            return cls()
+        if image is None:
+            raise InputError("--scoring paper needs --image, the CT the prediction was made on")
+        from .registry_file import default_model
+
+        model = os.fspath(model or default_model())
+        return cls(name, Path(image), model, model_architecture(model))
+
+    def largest_component(self, structures: int) -> bool:
+        """The paper cuts the reference to its largest component in binary tasks only."""
+        return self.name == "paper" and structures == 1
+
+    def note(self, structures: int) -> str | None:
+        """The line above the table naming the paper's scoring (native output stays as it always was)."""
+        if self.name == "native":
+            return None
+        reference = "reference largest component" if self.largest_component(structures) else f"reference whole: {structures} structures"
+        return f"scoring: paper (model space {self.architecture.spacing_mm:g} mm of {self.model}, +1 in the denominator, {reference})"
+
+    def meta(self, structures: int) -> dict[str, Any]:
+        """What the JSON report records of the scoring."""
+        if self.name == "native":
+            return {"scoring": "native"}
+        return {"scoring": "paper", "image": str(self.image), "model": self.model, "spacing_mm": self.architecture.spacing_mm,
+                "hu_window": list(self.architecture.hu_window), "reference_largest_component": self.largest_component(structures)}
+
+
+class _ModelSpace:
+    """Paper scoring's CT, preprocessed once, and the masks scored on its model-space grid."""
+
+    def __init__(self, scoring: Scoring):
+        from .io.images import read_image
+        from .preprocessing import CTPreprocessing
+
+        self.image = read_image(scoring.image)
+        self.preprocessing = CTPreprocessing(scoring.architecture)
+        self.volume = self.preprocessing(self.image)
+        self.spacing = (float(scoring.architecture.spacing_mm),) * 3
+
+    def _move(self, mask: sitk.Image, path: str | os.PathLike) -> np.ndarray:
+        """A native mask on the model-space grid (X, Y, Z), nearest neighbour from its own grid."""
+        if not _overlap(mask, self.image):
+            raise InputError("does not overlap the --image in space (different scans?)", path)
+        array = (sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8)[None]
+        return self.preprocessing.masks_to_model_space(array, mask, self.volume)[0].numpy()
+
+    def score(self, name: str, pred: sitk.Image, ref: sitk.Image, paths: tuple, tolerance_mm: float, largest_component: bool) -> StructureScore:
+        from .inference import keep_largest_component
+
+        p, r = self._move(pred, paths[0]), self._move(ref, paths[1])
+        if largest_component:
+            r = keep_largest_component(r)
+        images = [sitk.GetImageFromArray(a) for a in (p, r)]
+        for image in images:
+            image.SetSpacing(self.spacing)
+        score = score_masks(name, *images, tolerance_mm)
+        score.dice, score.scoring = paper_dice(p > 0, r > 0), "paper"
+        return score
+
+
 def evaluate(
     pred_path: str | os.PathLike,
     ref_path: str | os.PathLike,
     selectors: Sequence[Selector],
     tolerance_mm: float = 2.0,
     progress: Progress | None = None,
+    scoring: Scoring = Scoring(),
 ) -> list[StructureScore]:
     """Score each selected structure of the prediction against the reference.
 
@@ -277,10 +397,14 @@ def evaluate(
         if not os.path.isfile(path):
             raise InputError("file not found", path)
     selectors = list(selectors) or default_selectors(pred_path, ref_path)
+    space = _ModelSpace(scoring) if scoring.name == "paper" else None
     scores, warned = [], False
     for name, pred_selector, ref_selector in selectors:
         ref = _ref_mask(ref_path, name, ref_selector)
         pred = _pred_mask(pred_path, name, pred_selector, ref_selector, progress)
+        if space is not None:
+            scores.append(space.score(name, pred, ref, (pred_path, ref_path), tolerance_mm, scoring.largest_component(len(selectors))))
+            continue
         pred, note = match_grid(pred, ref, pred_path)
         if note and not warned:
             progress.warning(note)
@@ -296,8 +420,8 @@ def _fmt(value: float, digits: int) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}f}"
 
 
-def scores_table(scores: Sequence[StructureScore]) -> str:
-    """An aligned text table for the screen (no trailing newline)."""
+def scores_table(scores: Sequence[StructureScore], note: str | None = None) -> str:
+    """An aligned text table for the screen (no trailing newline), below `note` when there is one."""
     header = ("structure", "Dice", "surfDice", "HD95 mm", "pred ml", "ref ml", "pred vox", "ref vox")
     rows = [
         (s.name, _fmt(s.dice, 4), _fmt(s.surface_dice, 4), _fmt(s.hd95_mm, 2), _fmt(s.pred_volume_ml, 2),
@@ -306,7 +430,7 @@ def scores_table(scores: Sequence[StructureScore]) -> str:
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]
-    return "\n".join(lines)
+    return "\n".join([note, *lines] if note else lines)
 
 
 def _json_safe(score: StructureScore) -> dict[str, Any]:

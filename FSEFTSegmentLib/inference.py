@@ -169,16 +169,41 @@ class Head:
 
     `network=None` means the predictor's own (base) network. Heads given with the same network
     object share its pass; the same `module` listed twice (e.g. two channel selections) runs once.
+    A `softmax` head's outputs are a background class and then one per structure, read by argmax
+    (`structure_maps`); its `channels` count structures, background excluded.
     """
 
     module: nn.Module
     network: FoundationSwinUNETR | None = None
     channels: tuple[int, ...] | None = None
+    softmax: bool = False
 
     @classmethod
     def of(cls, model: AdaptedModel, channels: Sequence[int] | None = None) -> Head:
         """An adapted model's head on its network (the base network itself for black-box adapters)."""
-        return cls(model.head, model.network, tuple(channels) if channels is not None else None)
+        return cls(model.head, model.network, tuple(channels) if channels is not None else None, model.softmax)
+
+
+def structure_maps(logits: torch.Tensor, softmax: bool = False, channels: Sequence[int] | None = None) -> torch.Tensor:
+    """One map per structure, (S, X, Y, Z), whose values above 0.5 are its mask: the sigmoid
+    probabilities, or for a softmax head (background first) where the argmax is that structure."""
+    if not softmax:
+        return torch.sigmoid(logits.float() if channels is None else logits[list(channels)].float())
+    winner = logits.argmax(0)
+    kept = range(logits.shape[0] - 1) if channels is None else channels
+    return torch.stack([(winner == channel + 1).float() for channel in kept])
+
+
+def _as_head(head: nn.Module | Head | AdaptedModel) -> Head:
+    """A plain module is a head on the base network; an adapted model, its head on its network."""
+    if isinstance(head, Head):
+        return head
+    return Head.of(head) if isinstance(head, AdaptedModel) else Head(head)
+
+
+def _output_channels(module: nn.Module) -> int:
+    """Outputs of a head: its last convolution's channels (a linear probe ends every head)."""
+    return [m for m in module.modules() if isinstance(m, nn.Conv3d)][-1].out_channels
 
 
 class SegmentationPredictor:
@@ -204,17 +229,13 @@ class SegmentationPredictor:
     def _heads(self, heads: Sequence[nn.Module | Head | AdaptedModel]) -> list[Head]:
         """Every head as a `Head` with its network, the modules on the compute device and in eval mode."""
         resolved = []
-        for head in heads:
-            if isinstance(head, AdaptedModel):
-                head = Head.of(head)
-            elif not isinstance(head, Head):
-                head = Head(head)
+        for head in map(_as_head, heads):
             network = self.network if head.network is None else head.network
             if network.architecture != self.network.architecture:
                 raise ValueError("every head's network must share the base network's architecture (same preprocessing and windows)")
             layout = torch.channels_last_3d if self.settings.use_channels_last(self.device) else torch.contiguous_format
             network.eval().to(self.device, memory_format=layout)
-            resolved.append(Head(head.module.to(self.device, memory_format=layout).eval(), network, head.channels))
+            resolved.append(Head(head.module.to(self.device, memory_format=layout).eval(), network, head.channels, head.softmax))
         return resolved
 
     def _window_fn(self, heads: Sequence[Head], on_window: Callable[[int], None]):
@@ -233,10 +254,14 @@ class SegmentationPredictor:
                 computed: dict[int, torch.Tensor] = {}
                 for index in indices:
                     head = heads[index]
-                    if id(head.module) not in computed:
+                    first_use = id(head.module) not in computed
+                    if first_use:
                         computed[id(head.module)] = head.module(features)
                     output = computed[id(head.module)]
-                    parts[index] = output if head.channels is None else output[:, list(head.channels)]
+                    if head.softmax:  # the argmax needs every class: the whole output, once per module
+                        parts[index] = output if first_use else output[:, :0]
+                    else:
+                        parts[index] = output if head.channels is None else output[:, list(head.channels)]
                 del features, computed
             logits = torch.cat(parts, dim=1).float()
             on_window(windows.shape[0])
@@ -246,7 +271,8 @@ class SegmentationPredictor:
 
     def logits(self, volume: torch.Tensor, heads: Sequence[nn.Module | Head | AdaptedModel], study: str = "") -> torch.Tensor:
         """Blended logits (C, X, Y, Z) on the CPU for a preprocessed (1, X, Y, Z) volume: the heads'
-        output channels concatenated in the order given (a plain module reads the base network)."""
+        output channels concatenated in the order given (a plain module reads the base network),
+        except that a softmax head's module gives all its outputs, once (`maps` reads them)."""
         roi = self.network.architecture.patch_size
         total = window_count(volume.shape[1:], roi, self.settings.overlap)
         done = 0
@@ -272,6 +298,23 @@ class SegmentationPredictor:
             )
         return blended[0].float()
 
+    def maps(self, logits: torch.Tensor, heads: Sequence[nn.Module | Head | AdaptedModel]) -> torch.Tensor:
+        """`logits`' structure maps (S, X, Y, Z) in the heads' order (see `structure_maps`)."""
+        heads = [_as_head(head) for head in heads]
+        blocks, start, first_block = [], 0, {}
+        for head in heads:
+            if head.softmax and id(head.module) in first_block:
+                blocks.append(first_block[id(head.module)])
+                continue
+            width = len(head.channels) if head.channels is not None and not head.softmax else _output_channels(head.module)
+            blocks.append((start, width))
+            first_block[id(head.module)] = blocks[-1]
+            start += width
+        return torch.cat([
+            structure_maps(logits[first : first + width], head.softmax, head.channels if head.softmax else None)
+            for head, (first, width) in zip(heads, blocks)
+        ])
+
     def segment(
         self, image: sitk.Image, heads: Sequence[nn.Module | Head | AdaptedModel], study: str = "", times: StageTimes | None = None
     ) -> np.ndarray:
@@ -289,14 +332,15 @@ class SegmentationPredictor:
                 self.network.to("cpu")
                 self.device = torch.device("cpu")
                 logits = self.logits(volume, heads, study)
-        masks = np.empty((logits.shape[0],) + tuple(reversed(image.GetSize())), dtype=np.uint8)
+        maps = self.maps(logits, heads)
+        masks = np.empty((maps.shape[0],) + tuple(reversed(image.GetSize())), dtype=np.uint8)
         with times.stage("to native grid"):
-            for channel in range(logits.shape[0]):
-                masks[channel] = self.preprocessing.to_native_mask(torch.sigmoid(logits[channel]), volume, image, self.settings.threshold)
+            for channel in range(maps.shape[0]):
+                masks[channel] = self.preprocessing.to_native_mask(maps[channel], volume, image, self.settings.threshold)
         if self.settings.largest_component:
             with times.stage("body mask + largest component"):
                 body = body_mask(image) if self.settings.body_mask else None
-                for channel in range(logits.shape[0]):
+                for channel in range(maps.shape[0]):
                     if body is not None:
                         masks[channel] &= body
                     masks[channel] = keep_largest_component(masks[channel])

@@ -73,7 +73,7 @@ Importer = Callable[[dict[str, list[Path]]], None]
 #: The engine's adaptation methods (`fseft methods`), listed here because the engine's own table
 #: imports torch; a test keeps the two in step.
 ADAPTATION_METHODS = ("linear-probe", "spatial-adapter", "adapter-1x1", "bitfit", "affine-ln", "lora",
-                      "adaptformer", "full")
+                      "adaptformer", "full", "adapter-2023", "ft-last")
 
 
 def engine_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -140,17 +140,18 @@ def predict_command(inputs: Iterable[str | os.PathLike], model: str | None, *, s
 
 def adapt_command(model: str | None, method: str, supports: Iterable[tuple], structures: Sequence[str],
                   out: str | os.PathLike, *, queries: Iterable[str | os.PathLike] = (), tune_decoder: bool = False,
-                  size_prior: bool = False, predict_queries: bool = False, seed: int | None = None,
+                  softmax_head: bool = False, size_prior: bool = False, predict_queries: bool = False, seed: int | None = None,
                   max_epochs: int | None = None, device: str = "auto", python: str | None = None) -> list[str]:
     """The engine's `adapt` command line: `supports` are (image, labels[:VALUE|:SEGMENT]) pairs,
     `structures` are `NAME[=VALUE]`; the adapter lands in `out` (with --predict-queries, the queries'
-    segmentations in `out`/predictions). Always with JSON progress."""
+    segmentations in `out`/predictions; with the size prior and several queries, one adapter per
+    query in `out`-<query id>, each announced by its `adapter` event). Always with JSON progress."""
     if method not in ADAPTATION_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(ADAPTATION_METHODS)}")
     command = [python or python_executable(), "-m", "FSEFTSegmentLib", "adapt"]
     if model is not None:
         command += ["--model", model]
-    command += ["--method", method] + (["--tune-decoder"] if tune_decoder else [])
+    command += ["--method", method] + (["--tune-decoder"] if tune_decoder else []) + (["--head", "softmax"] if softmax_head else [])
     for image, labels in supports:
         command += ["--support", os.fspath(image), os.fspath(labels)]
     for structure in structures:

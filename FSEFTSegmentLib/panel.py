@@ -52,7 +52,7 @@ class PanelParameters:
     chosen volumes as node references (so they follow the nodes through save and reload)."""
 
     TEXT = {"model": "", "device": "auto", "method": "linear-probe", "predictStructures": "", "adapter": ""}
-    FLAGS = {"tuneDecoder": False, "sizePrior": False}
+    FLAGS = {"tuneDecoder": False, "sizePrior": False, "softmaxHead": False}
     NUMBERS = {"seed": 0, "maxEpochs": 200}
     LISTS = ("structures",)  # target segment names, JSON
     ROLES = ("support", "query", "segment")  # volume references: adapt supports, adapt queries, volumes to segment
@@ -414,6 +414,8 @@ def adapter_summary(metadata: dict) -> str:
     lines = [f"structures: {structures}", f"method: {metadata['method']}" + (" + decoder" if metadata.get("tune_decoder") else ""),
              f"K = {metadata.get('k', '?')} supports, seed {metadata.get('seed', '?')}",
              f"base model: {base['name']} (sha256 {base['sha256'][:12]}…)", f"created: {metadata.get('created', '?')}"]
+    if metadata.get("head") == "softmax":
+        lines.append("softmax head: one structure per voxel")
     if metadata.get("size_prior"):
         lines.append("trained with the size prior")
     return "\n".join(lines)
@@ -539,7 +541,7 @@ class PanelLogic:
         out = adapter_folder(self.adapters_root, "+".join(structures), p.method)
         command = adapt_command(
             chosen_model(p), p.method, exported.supports, [f"{name}={i + 1}" for i, name in enumerate(structures)], out,
-            queries=query_paths, tune_decoder=p.tuneDecoder, size_prior=p.sizePrior and bool(query_paths),
+            queries=query_paths, tune_decoder=p.tuneDecoder, softmax_head=p.softmaxHead, size_prior=p.sizePrior and bool(query_paths),
             predict_queries=bool(query_paths), seed=p.seed, max_epochs=p.maxEpochs, device=p.device, python=self.python)
         volumes = {path.stem: node for path, node in zip(query_paths, queries)}
         names = {study: result_name(node.GetName(), structures, p.method) for study, node in volumes.items()}

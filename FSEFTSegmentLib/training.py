@@ -24,10 +24,15 @@ prediction's precision rule (fp32 on the CPU).
 Transductive size prior (paper-facts section 9). With unlabeled query volumes, the mean support
 size S of each structure (largest component, trimmed for K >= 5: `priors`) bounds the query's
 predicted size (sum of its probabilities): once per epoch from `size_prior_start` on, the loss gains
-lambda * hinge outside [(1 - gamma) S, (1 + gamma) S] per query and structure (the paper's objective
-sum_k L_seg + lambda L_TI, one TI term per pass over the supports). Query features are cached too,
-average-pooled x2 as the paper's code, and each pooled voxel counts for the voxels it covers, so the
-predicted size stays in full-resolution voxels.
+lambda * hinge outside [(1 - gamma) S, (1 + gamma) S] per structure (the paper's objective
+sum_k L_seg + lambda L_TI, one TI term per pass over the supports; `size_prior_separate_step` gives
+it a step of its own, as the 2023 code). The paper adapts once per query (`adapt_per_query`, the
+default `size_prior_mode`); the `joint` mode adapts once for several queries and averages their
+terms. Query features are cached too, average-pooled x2 as the paper's code, and each pooled voxel
+counts for the voxels it covers, so the predicted size stays in full-resolution voxels.
+
+Multi-class softmax head (`AdaptedModel(softmax=True)`): softmax Dice over every channel with the
+background first, as the paper's FLARE'22 setting; supports' structures must not overlap.
 
 Training writes no files; the caller saves the adapter. `should_stop()` is polled before every
 step (and every crop pass) and between sliding windows; when it answers true, `Cancelled` is raised
@@ -57,6 +62,7 @@ from .progress import Progress
 
 #: share of the progress bar given to feature caching when it runs
 CACHE_PROGRESS_SHARE = 0.2
+SIZE_PRIOR_MODES = ("per-query", "joint")
 
 
 @dataclass
@@ -73,11 +79,12 @@ class TrainingCase:
 
 @dataclass
 class TrainingSettings:
-    max_epochs: int = 200
+    max_epochs: int | None = None  # None: the method's own (the 2023 workshop methods: 100), else 200
     crops_per_step: int = 6
     positive_fraction: float = 0.5  # the paper's pos:neg = 1:1
     crop_size: int | None = None  # None: the architecture's patch size
     learning_rate: float | None = None  # None: the method's (its decoder-tuned rate with --tune-decoder)
+    weight_decay: float | None = None  # AdamW's; None: the method's (0 as the paper's 2025 code; 1e-5 for the 2023 methods)
     warmup_epochs: int = 1
     #: the warm-up starts at lr * this; None = 1 / warmup_epochs, as the paper's code
     #: (`warmup_start_lr = lr / warmup_epoch`, which for its single warm-up epoch is lr itself)
@@ -100,6 +107,12 @@ class TrainingSettings:
     size_prior_gamma: float = 0.3
     size_prior_weight: float = 0.1
     size_prior_start: int | None = None  # first epoch (0-based) with the prior; None: max_epochs // 4
+    #: per-query: one adaptation per query volume, as the paper's transductive episodes (`adapt_per_query`);
+    #: joint: one adaptation for all the queries, their size-prior terms averaged
+    size_prior_mode: str = "per-query"
+    #: False: the term joins the gradient of each epoch's last support step (the paper's objective, one
+    #: lambda L_TI per pass over the K supports); True: it takes an optimiser step of its own after it (2023 code)
+    size_prior_separate_step: bool = False
     sw_batch_size: int | None = None  # windows per backbone pass (None: `inference.windows_per_batch`)
     overlap: float = 0.25
     #: auto | fp32 | bf16 | fp16. auto: like prediction for the backbone (fp32 on the CPU, bf16/fp16 on
@@ -115,6 +128,9 @@ class TrainingResult:
     curve: list[dict]  # per epoch: epoch (1-based), loss (mean Dice loss), lr, seconds [, size_prior_loss]
     seconds: float
     learning_rate: float = 0.0
+    max_epochs: int = 0
+    weight_decay: float = 0.0
+    step_precision: str = "fp32"  # the dtype gradient steps ran in: fp32, bf16 or fp16
     feature_cache: bool = False
     size_prior: dict | None = None
 
@@ -142,6 +158,16 @@ def learning_rate_for(model: AdaptedModel, settings: TrainingSettings) -> float:
         return float(settings.learning_rate)
     method = model.method
     return float(method.learning_rate_with_decoder if model.tune_decoder else method.learning_rate)
+
+
+def epochs_for(model: AdaptedModel, settings: TrainingSettings) -> int:
+    if settings.max_epochs is not None:
+        return int(settings.max_epochs)
+    return int(model.method.max_epochs or 200)
+
+
+def weight_decay_for(model: AdaptedModel, settings: TrainingSettings) -> float:
+    return float(model.method.weight_decay if settings.weight_decay is None else settings.weight_decay)
 
 
 def step_autocast_dtype(device: torch.device, precision: str, cached: bool) -> torch.dtype | None:
@@ -327,12 +353,13 @@ def adapt(
     crop = settings.crop_size or architecture.patch_size
     frozen = model.backbone_frozen
     cached = frozen if settings.feature_cache is None else bool(settings.feature_cache)
-    outputs = model.head[-1].out_channels
+    outputs = model.structure_count
     _validate(model, supports, queries, settings, crop, frozen, cached, outputs)
     if structure_names and len(structure_names) != outputs:
         raise ValueError(f"{len(structure_names)} structure names for a head with {outputs} outputs")
 
     lr = learning_rate_for(model, settings)
+    epochs = epochs_for(model, settings)
     step_dtype = step_autocast_dtype(device, settings.precision, cached)
     channels_last = cached if settings.channels_last is None else settings.channels_last
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -362,16 +389,19 @@ def adapt(
             _cache_features(model, prepared, queries, query_states, settings, device, cached, progress, should_stop)
 
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay_for(model, settings))
         warm = max(settings.warmup_epochs, 0)
         factor = settings.warmup_start_factor if settings.warmup_start_factor is not None else 1.0 / max(warm, 1)
         scheduler = WarmupCosineSchedule(
-            optimizer, warmup_steps=warm, t_total=settings.max_epochs, warmup_multiplier=min(max(factor, 0.0), 1.0)
+            optimizer, warmup_steps=warm, t_total=epochs, warmup_multiplier=min(max(factor, 0.0), 1.0)
         )
         scaler = torch.amp.GradScaler(device.type, enabled=step_dtype == torch.float16)
-        dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)
+        if model.softmax:  # the paper's multi-class loss: softmax Dice over every channel, background included
+            dice = DiceLoss(softmax=True, include_background=True, smooth_nr=1.0, smooth_dr=1.0)
+        else:
+            dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)
         cast = torch.autocast(device.type, dtype=step_dtype) if step_dtype else nullcontext()
-        prior_start = settings.size_prior_start if settings.size_prior_start is not None else settings.max_epochs // 4
+        prior_start = settings.size_prior_start if settings.size_prior_start is not None else epochs // 4
         earliest_stop = settings.early_stop_after
         if settings.size_prior:
             earliest_stop = max(earliest_stop, prior_start + settings.early_stop_patience)
@@ -395,6 +425,8 @@ def adapt(
             count = settings.crops_per_step
             starts = support.sampler.sample(crop, count, settings.positive_fraction, crop_rng)
             labels = torch.stack([_cut(support.label, start, crop) for start in starts]).float()
+            if model.softmax:
+                labels = torch.cat([1 - labels.amax(1, keepdim=True), labels], 1)  # background channel first
             if cached:
                 source = support.cache.crops(starts, crop)  # (n, F, s, s, s)
             else:
@@ -427,18 +459,18 @@ def adapt(
                     for c in range(outputs)
                 ]
                 terms.append(torch.stack(per_structure).mean())
-            term = settings.size_prior_weight * torch.stack(terms).sum()
+            term = settings.size_prior_weight * torch.stack(terms).mean()  # a query more must not weigh the prior more
             scaler.scale(term).backward()
             return float(term.detach())
 
         curve: list[dict] = []
         losses: list[float] = []
         stopped_early = False
-        total_steps = settings.max_epochs * len(prepared)
+        total_steps = epochs * len(prepared)
         steps_done = 0
         share = CACHE_PROGRESS_SHARE if (cached or settings.size_prior) else 0.0
         training_started = time.monotonic()
-        for epoch in range(settings.max_epochs):
+        for epoch in range(epochs):
             epoch_started = time.monotonic()
             lr_now = optimizer.param_groups[0]["lr"]
             order = torch.randperm(len(prepared), generator=order_rng).tolist()
@@ -450,13 +482,17 @@ def adapt(
                 optimizer.zero_grad(set_to_none=True)
                 step_losses.append(support_step(prepared[index]))
                 if settings.size_prior and epoch >= prior_start and position == len(order) - 1:
+                    if settings.size_prior_separate_step:  # the 2023 code: a step of its own after the epoch's last
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
                     prior_loss = prior_term()
                 scaler.step(optimizer)
                 scaler.update()
                 steps_done += 1
                 progress.step(
                     share + (1 - share) * steps_done / total_steps,
-                    f"epoch {epoch + 1}/{settings.max_epochs}, step {position + 1}/{len(order)}",
+                    f"epoch {epoch + 1}/{epochs}, step {position + 1}/{len(order)}",
                 )
             scheduler.step()
             epoch_loss = float(np.mean(step_losses))
@@ -467,17 +503,17 @@ def adapt(
                 entry["size_prior_loss"] = round(prior_loss, 6)
             curve.append(entry)
             elapsed = time.monotonic() - training_started
-            remaining = settings.max_epochs - (epoch + 1)
+            remaining = epochs - (epoch + 1)
             eta = elapsed / (epoch + 1) * remaining
             progress.emit(
                 "epoch",
                 epoch=epoch + 1,
-                epochs=settings.max_epochs,
+                epochs=epochs,
                 loss=round(epoch_loss, 5),
                 lr=lr_now,
                 elapsed=round(time.monotonic() - started, 1),
                 eta=round(eta, 1),
-                message=f"epoch {epoch + 1}/{settings.max_epochs}: loss {epoch_loss:.4f}, lr {lr_now:.2e}, "
+                message=f"epoch {epoch + 1}/{epochs}: loss {epoch_loss:.4f}, lr {lr_now:.2e}, "
                 f"{elapsed:.0f} s elapsed, at most {eta:.0f} s left",
             )
             if (
@@ -506,6 +542,9 @@ def adapt(
             curve=curve,
             seconds=round(time.monotonic() - started, 3),
             learning_rate=lr,
+            max_epochs=epochs,
+            weight_decay=weight_decay_for(model, settings),
+            step_precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[step_dtype],
             feature_cache=cached,
             size_prior=size_prior,
         )
@@ -517,6 +556,45 @@ def adapt(
         if channels_last:
             model.head.to(memory_format=torch.contiguous_format)  # artefacts store contiguous tensors
         model.eval()
+
+
+def adapt_per_query(
+    build_model: Callable[[], AdaptedModel],
+    supports: Sequence[TrainingCase],
+    queries: Sequence[TrainingCase],
+    settings: TrainingSettings,
+    device: torch.device = torch.device("cpu"),
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    structure_names: Sequence[str] = (),
+) -> list[tuple[AdaptedModel, TrainingResult]]:
+    """The paper's transductive episodes: per query, a new model from `build_model()` (seed inside it
+    for identical starts) adapted on the supports with that query's size prior alone, in query order.
+
+    A black-box method's support features are computed once and shared by every episode (each
+    query's own features are computed in its episode)."""
+    progress = progress or Progress()
+    first = build_model()
+    cached = first.backbone_frozen if settings.feature_cache is None else bool(settings.feature_cache)
+    owned: list[FeatureCache] = []
+    try:
+        if cached:
+            shared = []
+            for case in supports:
+                if case.features is None:
+                    owned.append(cache_features(first.network, case, device, settings, should_stop))
+                    case = TrainingCase(case.id, case.volume, case.label, owned[-1])
+                shared.append(case)
+            supports = shared
+        episodes = []
+        for number, query in enumerate(queries):
+            model = first if number == 0 else build_model()
+            progress.info(f"episode {number + 1}/{len(queries)}: size prior on query {query.id}")
+            episodes.append((model, adapt(model, supports, settings, device, progress, [query], should_stop, structure_names)))
+        return episodes
+    finally:
+        for cache in owned:
+            cache.close()
 
 
 def _validate(model, supports, queries, settings, crop, frozen, cached, outputs) -> None:
@@ -531,7 +609,9 @@ def _validate(model, supports, queries, settings, crop, frozen, cached, outputs)
             )
         if tuple(case.label.shape[1:]) != tuple(case.volume.shape[-3:]):
             raise InputError(f"support '{case.id}': label {tuple(case.label.shape[1:])} and image {tuple(case.volume.shape[-3:])} differ")
-    if settings.max_epochs < 1 or settings.crops_per_step < 1:
+        if model.softmax and outputs > 1 and bool(((case.label != 0).sum(0) > 1).any()):
+            raise InputError(f"support '{case.id}': structures overlap, and the softmax head gives each voxel one class (use the sigmoid head)")
+    if (settings.max_epochs is not None and settings.max_epochs < 1) or settings.crops_per_step < 1:
         raise InputError("max_epochs and crops_per_step must be at least 1")
     if not cached and (problem := crop_size_problem(crop)):
         raise InputError(f"crop size {problem} for the network")
@@ -545,6 +625,10 @@ def _validate(model, supports, queries, settings, crop, frozen, cached, outputs)
             raise InputError(f"--size-prior needs a black-box method ({names}) without --tune-decoder")
         if not queries:
             raise InputError("--size-prior needs at least one unlabeled --query volume")
+        if settings.size_prior_mode not in SIZE_PRIOR_MODES:
+            raise InputError(f"unknown size-prior mode '{settings.size_prior_mode}'; choose {' or '.join(SIZE_PRIOR_MODES)}")
+        if settings.size_prior_mode == "per-query" and len(queries) > 1:
+            raise ValueError("per-query size prior: adapt one query at a time (adapt_per_query), or choose the joint mode")
 
 
 def _size_priors(supports: Sequence[TrainingCase], outputs: int, names: Sequence[str]) -> list[dict]:
@@ -621,7 +705,8 @@ def _query_sizes(model, query: _Query, device, cast, memory_format) -> torch.Ten
     features = query.features.to(device).float().contiguous(memory_format=memory_format)
     with cast:
         logits = model.head(features)
-    probabilities = torch.sigmoid(logits.float())[0]
+    logits = logits.float()[0]
+    probabilities = torch.softmax(logits, 0)[1:] if model.softmax else torch.sigmoid(logits)
     return (probabilities * query.cover.to(device)).sum(dim=(1, 2, 3))
 
 

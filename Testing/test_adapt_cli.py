@@ -78,6 +78,34 @@ def test_adapt_writes_a_complete_adapter(environment, supports, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_per_query_size_prior_writes_one_adapter_per_query_and_predicts_each(environment, supports, tmp_path):
+    """Two queries, the default per-query mode: the paper's episodes, each adapter beside --out
+    named after its query, each query segmented by its own adapter; the joint mode writes one."""
+    (image0, labels0), (image1, _) = supports
+    out = tmp_path / "liver"
+    common = ["adapt", "--model", "tiny-test", "--method", "linear-probe", "--support", str(image0), f"{labels0}:3",
+              "--structure", "liver", "--query", str(image0), "--query", str(image1), "--size-prior", "--predict-queries", *FAST]
+    result = fseft([*common, "--out", str(out), "--precision", "fp32"], environment)
+    assert result.returncode == 0, result.stderr
+    events = events_of(result.stdout)
+    assert [e["path"] for e in events if e["event"] == "adapter"] == [str(tmp_path / "liver-case0"), str(tmp_path / "liver-case1")]
+    assert not out.exists()
+    for query in ("case0", "case1"):
+        metadata = json.loads((tmp_path / f"liver-{query}" / "adapter.json").read_text(encoding="utf-8"))
+        assert set(metadata["size_prior"]["liver"]["queries"]) == {query} and metadata["queries"] == [str(image0 if query == "case0" else image1)]
+        assert metadata["precision"] == "fp32" and metadata["feature_cache"] is True
+        assert metadata["hyper_parameters"]["size_prior_mode"] == "per-query" and metadata["hyper_parameters"]["weight_decay"] == 0.0
+        assert [p.name for p in (tmp_path / f"liver-{query}" / "predictions").glob("*.seg.nrrd")] == [f"{query}.seg.nrrd"]
+    assert {e["study"] for e in events if e["event"] == "study_done"} == {"case0", "case1"}
+
+    joint = tmp_path / "joint"
+    result = fseft([*common, "--out", str(joint), "--size-prior-mode", "joint", "--no-feature-cache"], environment)
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((joint / "adapter.json").read_text(encoding="utf-8"))
+    assert set(metadata["size_prior"]["liver"]["queries"]) == {"case0", "case1"} and metadata["feature_cache"] is False
+    assert sorted(p.name for p in (joint / "predictions").glob("*.seg.nrrd")) == ["case0.seg.nrrd", "case1.seg.nrrd"]
+
+
 def test_segment_of_a_slicer_segmentation_is_a_support(environment, supports, tmp_path):
     (image0, labels0), _ = supports
     image, mask = sitk.ReadImage(str(image0)), sitk.GetArrayFromImage(sitk.ReadImage(str(labels0))) > 0

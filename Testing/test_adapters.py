@@ -25,12 +25,12 @@ from FSEFTSegmentLib.adapters import (
     structure_info,
 )
 from FSEFTSegmentLib.errors import InputError, ModelError
-from FSEFTSegmentLib.inference import InferenceSettings, SegmentationPredictor, window_count, windows_per_batch
+from FSEFTSegmentLib.inference import Head, InferenceSettings, SegmentationPredictor, window_count, windows_per_batch
 from FSEFTSegmentLib.io.studies import Study
 from FSEFTSegmentLib.labels import novel_structure, resolve_structure
 from FSEFTSegmentLib.methods import METHODS, get_method
 from FSEFTSegmentLib.methods.adapted import AdaptedModel
-from FSEFTSegmentLib.model.network import Architecture, FoundationSwinUNETR
+from FSEFTSegmentLib.model.network import Architecture, FoundationSwinUNETR, head_rows
 from FSEFTSegmentLib.model.registry import sha256_file
 from FSEFTSegmentLib.prediction import plan_outputs, predict_studies
 from FSEFTSegmentLib.progress import Progress
@@ -357,6 +357,35 @@ def test_several_adapters_in_one_run_equal_each_alone(pristine, three_adapters, 
     assert combined.shape[0] == len(structures)
     for channel, structure in enumerate(structures):
         assert torch.equal(combined[channel], alone[structure.name]), structure.name
+
+
+def test_softmax_adapter_round_trip_and_argmax_prediction(pristine, tmp_path, study):
+    """The paper's multi-class head: a background row first, recorded in the adapter, rebuilt on
+    load; prediction takes the argmax over background and structures, so masks never overlap,
+    and a sigmoid head beside it keeps its own independent output."""
+    structures = [resolve_structure("liver"), resolve_structure("spleen")]
+    rows = [s.index for s in structures]
+    model = AdaptedModel(copy.deepcopy(pristine), get_method("linear-probe"), rows, softmax=True)
+    assert model.head[-1].out_channels == 3 and model.structure_count == 2 and float(model.head[-1].bias[0]) == 0.0
+    assert torch.equal(model.head[-1].weight[1:], pristine.classifier.weight[rows])  # zero-shot rows after the background
+    with torch.no_grad():
+        model.head[-1].bias[1] = 2.0  # liver wins over background somewhere, so masks are not empty
+    folder = save_adapter(tmp_path / "softmax", model, metadata_for(model, structures))
+    loaded, metadata = load_adapter(folder, pristine, BASE_SHA)
+    assert metadata["head"] == "softmax" and loaded.softmax and loaded.structure_count == 2
+
+    predictor = SegmentationPredictor(pristine, torch.device("cpu"), InferenceSettings())
+    volume = predictor.preprocessing(sitk.ReadImage(str(study.path)))
+    heads = [Head.of(loaded, (1,)), Head(head_rows(pristine.classifier, [5])), Head.of(loaded, (0,))]
+    logits = predictor.logits(volume, heads)
+    assert logits.shape[0] == 3 + 1  # the softmax module's 3 outputs once, then the sigmoid row
+    maps = predictor.maps(logits, heads)
+    winner = logits[:3].argmax(0)
+    assert torch.equal(maps[0], (winner == 2).float()) and torch.equal(maps[2], (winner == 1).float())
+    assert torch.equal(maps[1], torch.sigmoid(logits[3]))
+    assert maps[2].any() and not (maps[0].bool() & maps[2].bool()).any()
+    masks = predictor.segment(sitk.ReadImage(str(study.path)), heads)
+    assert masks[2].any() and not (masks[0] & masks[2]).any()
 
 
 def test_structure_selection_errors(pristine, three_adapters):

@@ -204,3 +204,117 @@ def test_real_reference_against_itself():
     """TotalSegmentator's liver (value 5) on a real 3-mm abdomen scores perfectly against itself."""
     [s] = evaluate(REAL_LABELS, REAL_LABELS, parse_structure_selectors(["liver=5"]))
     assert (s.dice, s.surface_dice, s.hd95_mm) == (1.0, 1.0, 0.0) and s.ref_voxels > 0
+
+
+# ----------------------------------------------------------------------------- paper scoring
+
+
+@pytest.fixture
+def phantom(tmp_path, monkeypatch):
+    """A 1.5-mm CT phantom (so the 1.5-mm model space is the same voxels, cropped to the body), its
+    sphere as the prediction, the sphere plus a detached 2^3 blob as reference value 1, a cube as
+    value 2, and a private registry whose 1.5-mm model has no weights on disk."""
+    from synthetic import body_phantom
+
+    ct, sphere = body_phantom(size=(40, 36, 30), spacing=(1.5, 1.5, 1.5), origin=(0.0, 0.0, 0.0))
+    blob = np.zeros_like(sphere)
+    blob[15:17, 17:19, 7:9] = True  # inside the body, 4 voxels clear of the sphere
+    other = np.zeros(sphere.shape, np.uint8)
+    other[12:16, 5:9, 17:21] = 2
+
+    def save(array, name):
+        mask = sitk.GetImageFromArray(np.asarray(array, np.uint8))
+        mask.CopyInformation(ct)
+        sitk.WriteImage(mask, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    registry = tmp_path / "models.json"
+    registry.write_text(json.dumps({"models": [{
+        "name": "space-test", "description": "architecture only", "architecture": {"spacing_mm": 1.5, "hu_window": [-175, 250]},
+        "files": [{"url": "http://127.0.0.1:9/none.pt", "filename": "none.pt", "sha256": None, "size": None}],
+    }]}))
+    monkeypatch.setenv("FSEFT_REGISTRY", str(registry))
+    monkeypatch.setenv("FSEFT_CACHE", str(tmp_path / "cache"))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    n = int(sphere.sum())
+    return {"image": str(tmp_path / "ct.nii.gz"), "pred": save(sphere, "pred.nii.gz"), "ref": save(sphere | blob, "ref.nii.gz"),
+            "ref2": save((sphere | blob) + other, "ref2.nii.gz"), "n": n, "blob": int(blob.sum()), "other": int((other > 0).sum())}
+
+
+def evaluate_cli(capsys, files, *options):
+    from FSEFTSegmentLib.cli import main
+
+    code = main(["evaluate", "--pred", files["pred"], "--ref", files["ref"], "--structure", "organ=1", *options])
+    return code, capsys.readouterr()
+
+
+def test_paper_dice_has_one_in_the_denominator_only(tmp_path):
+    """In the model space (here the native voxels): a 6^3 cube shifted by 2 voxels keeps 144 of 216,
+    so Dice is 2*144/(216+216+1) (native: 2*144/432); the cube against itself gives 432/433, not 1."""
+    from synthetic import body_phantom
+
+    from FSEFTSegmentLib.evaluation import Scoring
+    from FSEFTSegmentLib.model.network import Architecture
+
+    ct, _ = body_phantom(size=(40, 36, 30), spacing=(1.5, 1.5, 1.5), origin=(0.0, 0.0, 0.0))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    geometry = {"spacing": (1.5, 1.5, 1.5)}
+    ref = write(tmp_path / "ref.nii.gz", cube((12, 15, 17), size=6, shape=(30, 36, 40)), **geometry)
+    pred = write(tmp_path / "pred.nii.gz", cube((12, 15, 19), size=6, shape=(30, 36, 40)), **geometry)
+    paper = Scoring("paper", tmp_path / "ct.nii.gz", "default", Architecture())
+    [native] = evaluate(pred, ref, parse_structure_selectors(["x=1"]))
+    [shifted] = evaluate(pred, ref, parse_structure_selectors(["x=1"]), scoring=paper)
+    [same] = evaluate(ref, ref, parse_structure_selectors(["x=1"]), scoring=paper)
+    assert native.dice == pytest.approx(288 / 432) and native.scoring == "native"
+    assert shifted.dice == pytest.approx(288 / 433) and shifted.scoring == "paper"
+    assert (same.dice, same.pred_voxels, same.ref_voxels) == (pytest.approx(432 / 433), 216, 216)
+    assert same.ref_volume_ml == pytest.approx(216 * 1.5**3 / 1000)
+
+
+def test_paper_scoring_cuts_a_binary_reference_to_its_largest_component(phantom, capsys, tmp_path):
+    """The reference's detached blob counts natively, 2n/(2n + blob); the paper's binary task drops it:
+    2n/(2n + 1). The table, the JSON and the CSV say which scoring each number is."""
+    code, _ = evaluate_cli(capsys, phantom, "--json", str(tmp_path / "n.json"))
+    n, blob = phantom["n"], phantom["blob"]
+    assert code == 0 and json.loads((tmp_path / "n.json").read_text())["structures"][0]["dice"] == pytest.approx(2 * n / (2 * n + blob))
+    code, out = evaluate_cli(capsys, phantom, "--scoring", "paper", "--image", phantom["image"], "--model", "space-test",
+                             "--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv"))
+    assert code == 0, out.err
+    assert out.out.splitlines()[0] == "scoring: paper (model space 1.5 mm of space-test, +1 in the denominator, reference largest component)"
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["meta"]["scoring"] == "paper" and data["meta"]["reference_largest_component"] is True
+    [row] = data["structures"]
+    assert (row["dice"], row["ref_voxels"], row["scoring"]) == (pytest.approx(2 * n / (2 * n + 1)), n, "paper")
+    assert next(csv.DictReader((tmp_path / "p.csv").open()))["scoring"] == "paper"
+
+
+def test_paper_scoring_of_two_structures_keeps_the_whole_reference(phantom, capsys, tmp_path):
+    """Not a binary task: the blob stays in the reference, 2n/(2n + blob + 1). Without --model, the
+    registry's default model gives the space."""
+    from FSEFTSegmentLib.cli import main
+
+    code = main(["evaluate", "--pred", phantom["ref2"], "--ref", phantom["ref2"], "--structure", "organ=1", "--structure", "other=2",
+                 "--scoring", "paper", "--image", phantom["image"], "--json", str(tmp_path / "s.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "reference whole: 2 structures" in out.splitlines()[0]
+    organ, other = json.loads((tmp_path / "s.json").read_text())["structures"]
+    m = phantom["n"] + phantom["blob"]
+    assert (organ["dice"], organ["ref_voxels"]) == (pytest.approx(2 * m / (2 * m + 1)), m)
+    assert other["dice"] == pytest.approx(2 * phantom["other"] / (2 * phantom["other"] + 1))
+
+
+def test_native_output_is_unchanged(phantom, capsys):
+    """The default prints the table alone, exactly as before --scoring existed."""
+    code, out = evaluate_cli(capsys, phantom)
+    assert code == 0 and out.out == (
+        "structure    Dice  surfDice  HD95 mm  pred ml  ref ml  pred vox  ref vox\n"
+        "organ      0.9967    0.9905     0.00     4.08    4.10      1208     1216\n"
+    )
+
+
+@pytest.mark.parametrize("options, message", [(["--scoring", "paper"], "--scoring paper needs --image"),
+                                              (["--image", "ct.nii.gz"], "--image and --model go with --scoring paper")])
+def test_paper_options_misused_fail_in_one_line(phantom, capsys, options, message):
+    code, out = evaluate_cli(capsys, phantom, *options)
+    lines = out.err.strip().splitlines()
+    assert code == 2 and out.out == "" and len(lines) == 1 and message in lines[0]

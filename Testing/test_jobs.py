@@ -470,6 +470,9 @@ def test_the_adapt_command_line_is_one_the_cli_accepts():
     assert args.support == [["a.nrrd", "la.nrrd"], ["b.nrrd", "lb.nrrd"]]
     assert (args.structure, args.query) == (["pancreas=1"], ["q.nrrd"])
     assert args.size_prior and args.predict_queries and not args.tune_decoder and args.out == "out"
+    assert args.head == "sigmoid" and args.size_prior_mode == "per-query"
+    softmax = adapt_command("m", "linear-probe", [("a.nrrd", "la.nrrd")], ["liver=1", "spleen=2"], "out", softmax_head=True, python="p")
+    assert cli.build_parser().parse_args(softmax[3:]).head == "softmax"
 
 
 def test_the_widget_lists_the_engine_methods():

@@ -11,9 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from monai.networks.blocks import UnetResBlock
+from torch import nn
 
 from FSEFTSegmentLib.errors import InputError
-from FSEFTSegmentLib.methods import METHODS
+from FSEFTSegmentLib.methods import METHODS, get_method
 from FSEFTSegmentLib.methods import summary
 from FSEFTSegmentLib.methods.summary import (
     CROPS,
@@ -51,7 +54,15 @@ PAPER_RATES = {
     "adaptformer": (1e-2, 1e-4),
     "full": (1e-4, 1e-4),
 }
-BLACK_BOX = {"linear-probe", "spatial-adapter", "adapter-1x1"}
+#: the 2023 workshop's methods, full-size network and binary head (counted here, not in the paper):
+#: adapter-2023 = two bias-free 3^3 convs 48->48 (instance norms without affine) + probe; ft-last = decoder1 + probe
+WORKSHOP_COUNTS = {"adapter-2023": (124_465, 19_722_289), "ft-last": (209_713, None)}
+#: paper-facts §6, "Workshop 2023 settings" (ft-last ignores --tune-decoder, so keeps its rate)
+WORKSHOP_RATES = {"adapter-2023": (1e-2, 1e-4), "ft-last": (1e-2, 1e-2)}
+BLACK_BOX = {"linear-probe", "spatial-adapter", "adapter-1x1", "adapter-2023"}
+#: methods that train the decoder themselves, so --tune-decoder does not apply
+TRAIN_THE_DECODER = {"full", "ft-last"}
+TINY = Architecture(feature_size=12, patch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +104,14 @@ def test_rows_cover_every_method_and_are_json(frozen_rows):
 
 
 def test_trainable_parameters_match_the_paper(frozen_rows, tuned_rows):
-    for name, (frozen, tuned) in PAPER_COUNTS.items():
+    for name, (frozen, tuned) in {**PAPER_COUNTS, **WORKSHOP_COUNTS}.items():
         assert frozen_rows[name]["trainable_parameters"] == frozen, name
         if tuned is not None:
             assert tuned_rows[name]["trainable_parameters"] == tuned, name
 
 
 def test_learning_rates_follow_the_paper(frozen_rows, tuned_rows):
-    for name, (frozen, tuned) in PAPER_RATES.items():
+    for name, (frozen, tuned) in {**PAPER_RATES, **WORKSHOP_RATES}.items():
         assert frozen_rows[name]["learning_rate"] == frozen, name
         assert tuned_rows[name]["learning_rate"] == tuned, name
 
@@ -112,13 +123,15 @@ def test_black_box_only_for_head_methods_with_a_frozen_decoder(frozen_rows, tune
         assert "features cached once" in frozen_rows[name]["note"]
 
 
-def test_decoder_column_and_full_fine_tuning_ignores_tune_decoder(frozen_rows, tuned_rows):
-    assert {row["decoder"] for name, row in frozen_rows.items() if name != "full"} == {"frozen"}
-    assert {row["decoder"] for name, row in tuned_rows.items() if name != "full"} == {"tuned"}
-    assert frozen_rows["full"]["decoder"] == tuned_rows["full"]["decoder"] == "n/a"
-    assert tuned_rows["full"]["trainable_parameters"] == frozen_rows["full"]["trainable_parameters"]
-    assert "--tune-decoder does not apply" in tuned_rows["full"]["note"]
-    assert "--tune-decoder" not in frozen_rows["full"]["note"]
+def test_decoder_column_and_methods_training_the_decoder_ignore_tune_decoder(frozen_rows, tuned_rows):
+    assert {row["decoder"] for name, row in frozen_rows.items() if name not in TRAIN_THE_DECODER} == {"frozen"}
+    assert {row["decoder"] for name, row in tuned_rows.items() if name not in TRAIN_THE_DECODER} == {"tuned"}
+    assert {name for name, cls in METHODS.items() if not cls.combines_with_decoder} == TRAIN_THE_DECODER
+    for name in TRAIN_THE_DECODER:
+        assert frozen_rows[name]["decoder"] == tuned_rows[name]["decoder"] == "n/a"
+        assert tuned_rows[name]["trainable_parameters"] == frozen_rows[name]["trainable_parameters"]
+        assert "--tune-decoder does not apply" in tuned_rows[name]["note"]
+        assert "--tune-decoder" not in frozen_rows[name]["note"]
 
 
 def test_one_head_row_per_structure(registry_architecture):
@@ -145,6 +158,51 @@ def test_table_lists_every_method(frozen_rows):
     assert "lora: backward through the Swin encoder" in table
 
 
+# ---------------------------------------------------------------- the 2023 workshop's methods
+
+
+def test_workshop_methods_are_registered_after_the_2025_ones_with_their_schedule(frozen_rows):
+    assert list(METHODS)[-2:] == ["adapter-2023", "ft-last"]
+    for name, cls in METHODS.items():
+        workshop = name in WORKSHOP_COUNTS
+        assert cls.workshop is workshop, name
+        assert (cls.max_epochs, cls.weight_decay) == ((100, 1e-5) if workshop else (None, 0.0)), name
+        assert ("2023 workshop schedule: 100 epochs, weight decay 1e-5" in frozen_rows[name]["note"]) is workshop
+    assert get_method("adapter-2023").black_box and not get_method("ft-last").black_box
+
+
+def _trained(name: str) -> tuple[nn.Module, dict[str, int]]:
+    """The tiny network with `name` applied: the model and its trained parameters' sizes by name."""
+    model = adapted_on_meta(TINY, name)
+    return model, {key: p.numel() for key, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adapter_2023_trains_a_random_monai_residual_block_with_instance_norm_and_the_probe():
+    model, trained = _trained("adapter-2023")
+    block, _probe = model.head
+    assert isinstance(block, UnetResBlock) and not block.downsample  # residual: the input itself
+    assert isinstance(block.norm1, nn.InstanceNorm3d) and isinstance(block.norm2, nn.InstanceNorm3d)
+    features = TINY.feature_size
+    assert set(trained) == {f"head.{key}" for key, _ in model.head.named_parameters()}
+    assert sum(trained.values()) == 2 * 27 * features * features + features + 1  # bias-free 3^3 convs, affine-free IN
+    assert model.backbone_frozen
+    block = get_method("adapter-2023").head_modules(features)[0]  # real weights: nothing starts at zero
+    assert all(conv.conv.weight.abs().min() > 0 for conv in (block.conv1, block.conv2))
+    x = torch.randn(1, features, 8, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(block(x), x, atol=1e-2)  # unlike the 2025 adapters, step 0 is not zero-shot
+
+
+def test_ft_last_trains_decoder1_and_the_head_only():
+    model, trained = _trained("ft-last")
+    decoder1 = {f"network.{key}": p.numel() for key, p in model.network.named_parameters() if key.startswith("decoder1.")}
+    head = {f"head.{key}": p.numel() for key, p in model.head.named_parameters()}
+    assert len(model.head) == 1 and decoder1
+    assert trained == {**decoder1, **head}
+    assert model.trainable_count() == sum(p.numel() for p in model.network.decoder1.parameters()) + TINY.feature_size + 1
+    assert not model.backbone_frozen
+
+
 # ---------------------------------------------------------------- training memory
 
 
@@ -153,7 +211,9 @@ def test_memory_estimates_are_plausible(frozen_rows, tuned_rows):
     assert all(value is not None and value > 0.25 for value in memory.values())  # at least the fp32 weights
     assert max(memory[name] for name in BLACK_BOX) < 12  # "black-box runs fit a 12 GB GPU" (paper-facts §8)
     assert memory["linear-probe"] < memory["spatial-adapter"]
-    assert max(memory.values()) == memory["full"]
+    assert max(memory[name] for name in PAPER_COUNTS) == memory["full"]
+    # the 2023 adapter keeps its instance norms' full-size maps of all 6 crops: the largest of all (< 12 GB above)
+    assert max(memory.values()) == memory["adapter-2023"]
     assert tuned_rows["linear-probe"]["training_memory_gb"] > memory["linear-probe"]
 
 

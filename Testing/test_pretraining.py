@@ -31,6 +31,7 @@ from FSEFTSegmentLib.pretraining.loop import (
     main_pretrain,
     pretrain,
     pretraining_dtype,
+    random_axial_rot90,
     validate_checkpoint,
 )
 from FSEFTSegmentLib.pretraining.loss import partial_label_dice_loss
@@ -133,6 +134,23 @@ def test_lr_schedule_warms_up_from_a_tenth_then_cosine():
 
 
 # ------------------------------------------------------------------------------------------- data
+
+
+def test_rot90_turns_crops_within_the_axial_plane_only():
+    """Each Z slice keeps its own voxels (the official code turns in the axial plane only); every turn
+    of 1-3 quarters is drawn, and the target turns with the image."""
+    image = torch.arange(1 * 6 * 6 * 5, dtype=torch.float32).reshape(1, 6, 6, 5)  # every voxel distinct
+    target = torch.cat([image % 3 == 0, image % 5 == 0])  # (2, X, Y, Z), as the per-class targets
+    slices = [set(image[..., z].flatten().tolist()) for z in range(5)]
+    turns_seen = set()
+    for seed in range(30):
+        turned, turned_target = random_axial_rot90(image, target, 1.0, torch.Generator().manual_seed(seed))
+        assert [set(turned[..., z].flatten().tolist()) for z in range(5)] == slices
+        assert torch.equal(turned_target, torch.cat([turned % 3 == 0, turned % 5 == 0]))
+        turns_seen |= {k for k in (1, 2, 3) if torch.equal(turned, torch.rot90(image, k, (1, 2)))}
+    assert turns_seen == {1, 2, 3}
+    unturned = random_axial_rot90(image, target, 0.0, torch.Generator().manual_seed(0))
+    assert unturned[0] is image and unturned[1] is target
 
 
 def _phantom(path_image: Path, path_label: Path, seed: int, size: int = 40) -> None:

@@ -14,7 +14,12 @@ wall time outside the study) and its peak resident memory. Cases:
 each with the bundled fseft-mini (trained weights) and the full-size network (feature size 48,
 random weights: timing does not depend on them). Default settings, torch's default threads.
 
-    .venv/bin/python benchmarks/profile_predict.py [--models fseft-mini,full] [--largest-component] [--json OUT]
+`--keep DIR` keeps each case's .seg.nrrd under DIR/<model>/<case>/; `--compare DIR` scores them
+against those of an earlier `--keep` (mask Dice per structure: the check that a speed-up left the
+outputs as they were).
+
+    .venv/bin/python benchmarks/profile_predict.py [--models fseft-mini,full] [--largest-component]
+        [--keep DIR] [--compare DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -93,10 +98,32 @@ def run_case(model: str, image: Path, out: Path, largest_component: bool) -> dic
     }
 
 
+def mask_agreement(ours: Path, theirs: Path) -> dict:
+    """Dice of two .seg.nrrd files of the same study over all their segments' voxels together
+    (as benchmarks/predict.py scores masks), the worst segment's Dice, and the voxels that differ."""
+    import numpy as np
+    import SimpleITK as sitk
+    import slicerio
+
+    from FSEFTSegmentLib.io.segmentations import read_structure_mask
+
+    overlap = total = differing = 0
+    worst = 1.0
+    for segment in slicerio.read_segmentation(str(ours), skip_voxels=True)["segments"]:
+        a, b = (sitk.GetArrayFromImage(read_structure_mask(path, segment["id"])).astype(bool) for path in (ours, theirs))
+        both, size = int(np.count_nonzero(a & b)), int(a.sum() + b.sum())
+        overlap, total, differing = overlap + both, total + size, differing + int(np.count_nonzero(a != b))
+        if size:
+            worst = min(worst, 2 * both / size)
+    return {"dice": round(2 * overlap / max(total, 1), 6), "worst_segment_dice": round(worst, 6), "differing_voxels": differing}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="fseft-mini,full", help="comma-separated: fseft-mini (bundled), full (full-size, random weights), or checkpoint paths")
     parser.add_argument("--largest-component", action="store_true")
+    parser.add_argument("--keep", type=Path, help="keep the outputs under DIR/<model>/<case>/")
+    parser.add_argument("--compare", type=Path, help="score the outputs against those kept earlier under DIR")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not ABDOMEN.exists():
@@ -107,16 +134,20 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="fseft-profile-") as scratch:
         scratch = Path(scratch)
-        cases = {"abdomen CT (NIfTI, 122x101x112)": ABDOMEN, "DICOM series (512x512x20)": thick_slice_series(ABDOMEN, scratch / "dicom")}
+        cases = {"abdomen-nifti": ABDOMEN, "dicom-512x512x20": thick_slice_series(ABDOMEN, scratch / "dicom")}
         for model in args.models.split(","):
             weights = str(full_size_checkpoint(scratch / "full.safetensors")) if model == "full" else model
             for case, image in cases.items():
-                result = {"model": model, "case": case, "threads": torch.get_num_threads(), **run_case(weights, image, scratch / "out", args.largest_component)}
+                out = (args.keep or scratch / "out") / model / case
+                result = {"model": model, "case": case, "threads": torch.get_num_threads(), **run_case(weights, image, out, args.largest_component)}
+                if args.compare:
+                    result["against_earlier"] = mask_agreement(next(out.glob("*.seg.nrrd")), next((args.compare / model / case).glob("*.seg.nrrd")))
                 results.append(result)
                 stages = ", ".join(f"{name} {seconds:.2f}" for name, seconds in result["stage_seconds"].items())
                 print(f"{model:10} {case:32} {result['read_to_write_seconds']:7.2f} s read to write "
                       f"({100 * result['share_outside_network']:.0f} % outside the network: {stages}); "
-                      f"process {result['process_seconds']:.1f} s, start {result['start_seconds']:.1f} s, peak {result['peak_rss_mb']} MB", flush=True)
+                      f"process {result['process_seconds']:.1f} s, start {result['start_seconds']:.1f} s, peak {result['peak_rss_mb']} MB"
+                      + (f"; against earlier: {result['against_earlier']}" if args.compare else ""), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -12,13 +12,16 @@ The keys (the shipped files under `Resources/experiments/` document them in use)
   `cases` (a list of ids; default: every id the `image` template matches under `root`); or
   `phantoms: {count, size, seed}`: procedural phantoms written into the output folder (offline).
 * `tasks`: each with `name`, `structures` (a list of names, or a mapping name -> label value or
-  segment name; names from the universal template unless the task says `novel: true`), optional `group`, and its split: `train` and `test` as lists of case ids, or as
+  segment name; names from the universal template unless the task says `novel: true`), optional `group`,
+  `head` (`sigmoid`, default: one output per structure; `softmax`: the paper's multi-class head), and its split: `train` and `test` as lists of case ids, or as
   counts drawn with `split_seed` (default 42), test cases first, from the task's own `cases` (e.g.
   those whose field of view shows the structure) or else the data's.
 * `shots` (K values), `draws` (support-draw seeds), `methods` (see `MethodSpec`); `all_data_k`: the
   K that stands for a task's whole training pool (the paper's "30-shot" is all of pancreas' 29).
-* `training`: `TrainingSettings` fields for every run; `method_training`: per base method (e.g.
-  `lora`), fields that override `training` for that method.
+* `training`: `TrainingSettings` fields for every run (e.g. `feature_cache: false` trains black-box
+  methods the paper's way; `size_prior_mode: joint`; `precision: fp32`); `method_training`: per base
+  method (e.g. `lora`), fields that override `training` for that method. With the size prior in its
+  default per-query mode, each test case is its own episode: an adapter fitted with its prior alone.
 * `scoring`: `spaces` (`model_space`, the paper's; `native`, the clinical grid), `largest_component`
   (reduce the reference to its largest component in model space, as the paper does for binary
   tasks), `prediction_largest_component`, `surface_tolerance_mm`; `table_metric`.
@@ -79,7 +82,8 @@ class MethodSpec:
         if spec.tune_decoder and not method.combines_with_decoder:
             raise ValueError(f"'{label}': {base} already trains the decoder")
         if spec.size_prior and not spec.black_box:
-            raise ValueError(f"'{label}': the size prior needs a black-box method (linear-probe, spatial-adapter, adapter-1x1) without +decoder")
+            names = ", ".join(name for name, method in METHODS.items() if method.black_box)
+            raise ValueError(f"'{label}': the size prior needs a black-box method ({names}) without +decoder")
         return spec
 
 
@@ -92,6 +96,7 @@ class Task:
     train: tuple[str, ...]
     test: tuple[str, ...]
     group: str | None = None
+    softmax: bool = False  # head: softmax, the paper's multi-class head (FLARE'22): background + argmax
 
 
 @dataclass(frozen=True)
@@ -336,7 +341,7 @@ def _cases(data: dict, layout: DataLayout, fail) -> list[str]:
 def _task(entry: Any, key: str, cases: list[str], data: DataLayout, fail) -> Task:
     if not isinstance(entry, dict) or not entry.get("name"):
         fail(key, "each task needs a name, its structures and its train/test split")
-    task_keys = {"name", "structures", "novel", "group", "cases", "train", "test", "split_seed"}
+    task_keys = {"name", "structures", "novel", "group", "cases", "train", "test", "split_seed", "head"}
     if unknown := sorted(set(entry) - task_keys):
         fail(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(task_keys))})")
     if "cases" in entry:  # the task's own pool (e.g. the cases that show the structure), split by counts
@@ -368,7 +373,10 @@ def _task(entry: Any, key: str, cases: list[str], data: DataLayout, fail) -> Tas
         if data.phantoms is None and (missing := next((p for p in paths if not p.is_file()), None)):
             fail(f"{key}", f"case '{case}': no such file {missing}")
     names = tuple(str(name) for name, _ in pairs)
-    return Task(str(entry["name"]), tuple(structures), tuple(selectors), names, tuple(train), tuple(test), entry.get("group"))
+    head = entry.get("head", "sigmoid")
+    if head not in ("sigmoid", "softmax"):
+        fail(f"{key}.head", f"unknown head '{head}' (sigmoid: one output per structure; softmax: background + argmax)")
+    return Task(str(entry["name"]), tuple(structures), tuple(selectors), names, tuple(train), tuple(test), entry.get("group"), head == "softmax")
 
 
 def _split(entry: dict, key: str, cases: list[str], fail) -> tuple[list[str], list[str]]:
@@ -401,7 +409,7 @@ def _settings(values: Any, key: str, fail) -> dict:
         settings = TrainingSettings(**values)
     except TypeError as error:
         fail(key, str(error))
-    if settings.max_epochs < 1 or settings.crops_per_step < 1:
+    if (settings.max_epochs is not None and settings.max_epochs < 1) or settings.crops_per_step < 1:
         fail(key, "max_epochs and crops_per_step must be at least 1")
     if settings.precision not in ("auto", "fp32", "bf16", "fp16"):
         fail(f"{key}.precision", "choose auto, fp32, bf16 or fp16")

@@ -48,6 +48,7 @@ class RunSpec:
             "format": RECORD_FORMAT,
             "model": model_sha256,
             "structures": [[s.name, selector] for s, selector in zip(self.task.structures, self.task.selectors)],
+            **({"head": "softmax"} if self.task.softmax else {}),  # absent for sigmoid: earlier keys stay valid
             "files": [config.data.image, config.data.labels, str(config.data.root), list(self.task.file_names)],
             "phantoms": asdict(config.data.phantoms) if config.data.phantoms else None,
             "tests": list(self.task.test),

@@ -36,7 +36,7 @@ from ..adaptation import SupportSpec, Target, prepare_support, pretrained_rows, 
 from ..errors import Cancelled, FSEFTError, InputError
 from ..evaluation import paper_dice, score_masks
 from ..feature_cache import FeatureCache
-from ..inference import Head, InferenceSettings, SegmentationPredictor, choose_device, keep_largest_component, windows_per_batch
+from ..inference import Head, InferenceSettings, SegmentationPredictor, choose_device, keep_largest_component, structure_maps, windows_per_batch
 from ..io.files import atomic_write, ensure_folder
 from ..io.images import read_image
 from ..methods import get_method
@@ -47,7 +47,7 @@ from ..model.registry import model_sha256
 from ..prediction import model_structures
 from ..preprocessing import CTPreprocessing
 from ..progress import Progress
-from ..training import TrainingCase, TrainingSettings, adapt, cache_features
+from ..training import TrainingCase, TrainingSettings, adapt, adapt_per_query, cache_features
 from . import report
 from .config import ExperimentConfig, Task
 from .grid import RECORD_FORMAT, RunSpec, plan_runs, rank_share
@@ -245,18 +245,18 @@ def _metrics(pred: np.ndarray, ref: np.ndarray, spacing, tolerance: float, dice:
     }
 
 
-def score_case(logits: torch.Tensor, store: CaseStore, task: Task, case_id: str) -> dict:
-    """Per structure and space: Dice, surface Dice, HD95 of one test case (see the README's Scoring)."""
+def score_case(maps: torch.Tensor, store: CaseStore, task: Task, case_id: str) -> dict:
+    """Per structure and space: Dice, surface Dice, HD95 of one test case from its model-space
+    structure maps (`inference.structure_maps`: > 0.5 is the mask; see the README's Scoring)."""
     scoring = store.config.scoring
     labelled = store.labelled(task, case_id)
     case = store.case(case_id)
-    probabilities = torch.sigmoid(logits.float())
     binary_task = len(task.structures) == 1
     scores = {}
     for channel, structure in enumerate(task.structures):
         spaces = {}
         if "model_space" in scoring.spaces:
-            pred = (probabilities[channel] > 0.5).numpy().astype(np.uint8)
+            pred = (maps[channel] > 0.5).numpy().astype(np.uint8)
             ref = labelled.label[channel].numpy().astype(np.uint8)
             if scoring.prediction_largest_component:
                 pred = keep_largest_component(pred)
@@ -266,7 +266,7 @@ def score_case(logits: torch.Tensor, store: CaseStore, task: Task, case_id: str)
             spaces["model_space"] = _metrics(pred, ref, spacing, scoring.surface_tolerance_mm, paper_dice(pred > 0, ref > 0))
         if "native" in scoring.spaces:
             reference = store.references(task, case_id)[channel]
-            pred = store.preprocessing.to_native_mask(probabilities[channel], case.volume, case.image).astype(np.uint8)
+            pred = store.preprocessing.to_native_mask(maps[channel], case.volume, case.image).astype(np.uint8)
             if scoring.prediction_largest_component:
                 pred = keep_largest_component(pred)
             spaces["native"] = _metrics(pred, sitk.GetArrayViewFromImage(reference) > 0, reference.GetSpacing(), scoring.surface_tolerance_mm)
@@ -288,25 +288,38 @@ def execute(run: RunSpec, store: CaseStore, progress: Progress) -> dict:
     tests = [store.labelled(task, case_id) for case_id in task.test]
     started = time.monotonic()
     with PeakMemory(device) as memory:
-        torch.manual_seed(run.draw)  # new head rows and adapter weights are drawn here
         method = get_method(spec.method or "linear-probe")  # zero-shot: the pretrained rows as a probe
-        model = AdaptedModel(network if black_box else copy.deepcopy(network), method, rows, spec.tune_decoder)
-        result = None
+
+        def build_model() -> AdaptedModel:
+            torch.manual_seed(run.draw)  # new head rows and adapter weights are drawn here
+            softmax = task.softmax and bool(spec.method)  # zero-shot reads the pretrained rows: sigmoid
+            return AdaptedModel(network if black_box else copy.deepcopy(network), method, rows, spec.tune_decoder, softmax)
+
+        results = []
         if spec.method:
             supports = [store.labelled(task, case_id) for case_id in run.supports]
             cases = [TrainingCase(c.id, c.volume, c.label, features=store.features(c.id) if black_box else None) for c in supports]
-            queries = [TrainingCase(c.id, c.volume, features=store.features(c.id)) for c in tests] if spec.size_prior else ()
-            result = adapt(model, cases, settings, device, progress, queries=queries, structure_names=names)
+            queries = [TrainingCase(c.id, c.volume, features=store.features(c.id)) for c in tests] if spec.size_prior else []
+        if spec.method and spec.size_prior and settings.size_prior_mode == "per-query":  # one episode per test case
+            episodes = adapt_per_query(build_model, cases, queries, settings, device, progress, structure_names=names)
+            models = {test.id: model for test, (model, _) in zip(tests, episodes)}
+            results = [result for _, result in episodes]
+        else:
+            model = build_model()
+            if spec.method:
+                results = [adapt(model, cases, settings, device, progress, queries=queries, structure_names=names)]
+            models = {test.id: model for test in tests}
         trained = time.monotonic()
-        predictor = None if black_box else SegmentationPredictor(model.network, device, InferenceSettings(
-            sw_batch_size=settings.sw_batch_size, overlap=settings.overlap, precision=settings.precision))
         scores = {}
         for test in tests:
+            model = models[test.id]
             if black_box:
-                logits = head_logits(model.head, store.features(test.id), network.architecture, settings, device)
+                maps = structure_maps(head_logits(model.head, store.features(test.id), network.architecture, settings, device), model.softmax)
             else:
-                logits = predictor.logits(test.volume, [Head.of(model)], study=test.id)
-            scores[test.id] = score_case(logits, store, task, test.id)
+                predictor = SegmentationPredictor(model.network, device, InferenceSettings(
+                    sw_batch_size=settings.sw_batch_size, overlap=settings.overlap, precision=settings.precision))
+                maps = predictor.maps(predictor.logits(test.volume, [Head.of(model)], study=test.id), [Head.of(model)])
+            scores[test.id] = score_case(maps, store, task, test.id)
     finished = time.monotonic()
     return {
         "format": RECORD_FORMAT,
@@ -322,15 +335,15 @@ def execute(run: RunSpec, store: CaseStore, progress: Progress) -> dict:
         "validation": run.validation,
         "tests": list(task.test),
         "trainable_parameters": model.trainable_count() if spec.method else 0,
-        "epochs": result.epochs if result else 0,
-        "stopped_early": result.stopped_early if result else False,
+        "epochs": round(float(np.mean([r.epochs for r in results])), 1) if results else 0,  # mean over episodes
+        "stopped_early": all(r.stopped_early for r in results) if results else False,
         "train_seconds": round(trained - started, 3),
         "predict_seconds": round(finished - trained, 3),
         "seconds": round(finished - started, 3),
         "peak_memory_mb": None if memory.peak_mb is None else round(memory.peak_mb, 1),
         "memory": memory.kind,
         "device": str(device),
-        "learning_rate": result.learning_rate if result else None,
+        "learning_rate": results[0].learning_rate if results else None,
         "scores": scores,
     }
 

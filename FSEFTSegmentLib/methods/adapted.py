@@ -4,6 +4,11 @@
 modules followed by a linear probe with one output per target structure. A structure the
 foundation model knows starts from its pretrained head row (zero-shot start); a novel one from
 PyTorch's default initialisation.
+
+Two kinds of head (paper-facts §6-7): `sigmoid` (default), one independent output per structure
+(structures may overlap: one binary task each, as TotalSegmentator's); `softmax`, the paper's
+multi-class head (FLARE'22) with a background row first (Xavier weight, zero bias), trained with a
+softmax Dice over every channel and read by argmax.
 """
 
 from __future__ import annotations
@@ -24,16 +29,22 @@ class AdaptedModel(nn.Module):
         method: AdaptationMethod,
         pretrained_rows: Sequence[int | None],
         tune_decoder: bool = False,
+        softmax: bool = False,
     ):
         super().__init__()
         method.inject(network)
         self.network = network
         self.method = method
         self.tune_decoder = tune_decoder
+        self.softmax = softmax
         feature_size = network.architecture.feature_size
-        probe = nn.Conv3d(feature_size, len(pretrained_rows), kernel_size=1)
+        first = 1 if softmax else 0  # the softmax head's background row comes first
+        probe = nn.Conv3d(feature_size, first + len(pretrained_rows), kernel_size=1)
         with torch.no_grad():
-            for row, source in enumerate(pretrained_rows):
+            if softmax:
+                nn.init.xavier_uniform_(probe.weight[:1])
+                probe.bias[0] = 0.0
+            for row, source in enumerate(pretrained_rows, first):
                 if source is not None:
                     probe.weight[row] = network.classifier.weight[source]
                     probe.bias[row] = network.classifier.bias[source]
@@ -45,6 +56,10 @@ class AdaptedModel(nn.Module):
         if name.startswith("classifier."):
             return False  # replaced by the new head
         return self.method.trains_backbone_parameter(name) or (self.tune_decoder and name.startswith("decoder"))
+
+    @property
+    def structure_count(self) -> int:
+        return self.head[-1].out_channels - (1 if self.softmax else 0)
 
     @property
     def backbone_frozen(self) -> bool:

@@ -27,6 +27,12 @@ class AdaptationMethod:
     learning_rate_with_decoder: ClassVar[float] = 1e-4
     #: whether --tune-decoder may be added (full fine-tuning already trains the decoder)
     combines_with_decoder: ClassVar[bool] = True
+    #: a method of the 2023 workshop paper, trained with the workshop's schedule (below)
+    workshop: ClassVar[bool] = False
+    #: the method's own schedule defaults; None and 0 are the paper's 2025 recipe (at most 200
+    #: epochs, AdamW without weight decay), the workshop's was 100 epochs with weight decay 1e-5
+    max_epochs: ClassVar[int | None] = None
+    weight_decay: ClassVar[float] = 0.0
 
     def head_modules(self, feature_size: int) -> list[nn.Module]:
         """Modules between the decoder1 features and the linear probe (black-box adapters)."""

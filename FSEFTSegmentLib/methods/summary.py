@@ -1,9 +1,10 @@
 """What a user needs to choose a method before launching (`fseft methods`).
 
-Per method: trainable parameters, the paper's learning rate, whether it is black-box (needs no
-access to the weights, nor gradients through them) and an estimate of training memory. Everything
-comes from a registry entry's `Architecture` alone: the network is built once with random weights,
-emptied onto PyTorch's "meta" device (shapes, no data), and each method is applied to a copy through
+Per method: trainable parameters, the paper's learning rate (the 2023 workshop's for its methods,
+whose schedule the note gives), whether it is black-box (needs no access to the weights, nor
+gradients through them) and an estimate of training memory. Everything comes from a registry entry's
+`Architecture` alone: the network is built once with random weights, emptied onto PyTorch's "meta"
+device (shapes, no data), and each method is applied to a copy through
 the same `AdaptedModel` the training loop uses — so the counts are exactly what training will train,
 and no weights file is needed.
 
@@ -90,6 +91,9 @@ REFERENCE_PASS_PEAK_MIB: dict[tuple[str, bool], tuple[float, float]] = {
     ("adaptformer", False): (3310.7, 3.4),  # its first trainable module follows block 0's attention
     ("adaptformer", True): (3310.7, 3.4),
     ("full", False): (5266.3, 3.4),
+    ("adapter-2023", False): (8768.3, 20.3),  # 6 crops; its instance norms and LeakyReLUs keep full-size maps
+    ("adapter-2023", True): (2625.1, 3.4),
+    ("ft-last", False): (1809.0, 3.4),  # backward through decoder1 only
 }
 
 
@@ -263,7 +267,10 @@ def method_summaries(architecture: Architecture, structures: int = 1, tune_decod
                 reach = "the Swin encoder"
             notes.append(f"backward through {reach}, one crop at a time")
         if tune_decoder and not method_class.combines_with_decoder:
-            notes.append("trains the decoder anyway: --tune-decoder does not apply")
+            notes.append("trains decoder parameters itself: --tune-decoder does not apply")
+        if method_class.workshop:
+            decay = _power_of_ten(method_class.weight_decay)
+            notes.append(f"2023 workshop schedule: {method_class.max_epochs} epochs, weight decay {decay}")
         try:
             memory = round(training_memory_bytes(model) / GIB, 2)
         except Exception as error:  # a future PyTorch/MONAI the simulation cannot follow: say so, list the rest
@@ -284,7 +291,8 @@ def method_summaries(architecture: Architecture, structures: int = 1, tune_decod
     return rows
 
 
-def _learning_rate(value: float) -> str:
+def _power_of_ten(value: float) -> str:
+    """1e-2, not 1e-02."""
     mantissa, exponent = f"{value:.0e}".split("e")
     return f"{mantissa}e{int(exponent)}"
 
@@ -296,7 +304,7 @@ def summaries_table(rows: list[dict]) -> str:
         (
             row["method"],
             f"{row['trainable_parameters']:,}",
-            _learning_rate(row["learning_rate"]),
+            _power_of_ten(row["learning_rate"]),
             "yes" if row["black_box"] else "no",
             row["decoder"],
             "?" if row["training_memory_gb"] is None else f"{row['training_memory_gb']:.1f} GiB",

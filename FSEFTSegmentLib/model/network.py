@@ -65,16 +65,28 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
     """Instance norm that leaves a channels-last-3D input channels-last; same parameters and result.
 
     PyTorch's instance norm makes such an input contiguous, so every following convolution
-    converts it back: on the CPU those copies cost as much as channels-last saves. Group norm with
-    one group per channel is instance norm by definition and has a channels-last CPU kernel (its
-    single-pass variance differs from PyTorch's by up to 4e-4 on unit-variance activations).
+    converts it back: on the CPU those copies cost as much as channels-last saves. Here the
+    statistics come from sums per slice (float32) added up in float64, a view of the channels-last
+    memory, and one fused multiply-add normalises: within 1e-6 of PyTorch's on unit activations
+    (group norm's channels-last kernel, one group per channel, is twice as fast but 5e-4 off,
+    enough to flip voxels at the threshold).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels_last = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
         if not channels_last or self.track_running_stats:
             return super().forward(x)
-        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        n, c, depth = x.shape[:3]
+        slices = x.permute(0, 2, 3, 4, 1).reshape(n, depth, -1, c)  # (N, D, H*W, C): no copy
+        count = depth * slices.shape[2]
+        mean = slices.sum(2, dtype=torch.float32).double().sum(1) / count
+        mean_square = slices.square().sum(2, dtype=torch.float32).double().sum(1) / count
+        scale = torch.rsqrt((mean_square - mean.square()).clamp_min(0) + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        shape = (n, c, 1, 1, 1)
+        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
 
 def prefers_channels_last(device: torch.device) -> bool:

@@ -5,7 +5,7 @@ maps to a universal id, which universal ids the dataset annotates), the architec
 schedule. One step: every process draws `volumes_per_step` volumes, each by picking a dataset
 uniformly and then one of its volumes uniformly (sampling balanced over datasets), and cuts
 `crops_per_volume` crops from each (centred on foreground or background, `positive_fraction`
-positive, as MONAI's RandCropByPosNegLabel; rot90 and intensity-shift augmentation); the loss is the partial-label soft
+positive, as MONAI's RandCropByPosNegLabel; axial rot90 and intensity-shift augmentation); the loss is the partial-label soft
 Dice (`loss.partial_label_dice_loss`); AdamW (weight decay 1e-5); the learning rate warms up
 linearly from lr * `warmup_start_factor` over `warmup_epochs` epochs, then follows a cosine to 0,
 both stepped per step. With `hold_lr_until_dice: D` (and validation, below) the learning rate stays
@@ -99,6 +99,20 @@ def _step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Gener
 # -------------------------------------------------------------------------------------------- data
 
 
+#: the axial (X, Y) plane of a (C, X, Y, Z) crop in RAS
+AXIAL_PLANE = (1, 2)
+
+
+def random_axial_rot90(image: torch.Tensor, target: torch.Tensor, probability: float, generator: torch.Generator):
+    """With `probability`, both crops turned by the same 1-3 quarter turns in the axial plane only, as
+    the official code (MONAI's RandRotate90 with spatial_axes=(0, 1)): the head-feet axis never moves.
+    Drawn from `generator` rather than MONAI's own random state, so a resumed run draws the same."""
+    if float(torch.rand((), generator=generator)) >= probability:
+        return image, target
+    turns = int(torch.randint(1, 4, (1,), generator=generator))
+    return torch.rot90(image, turns, AXIAL_PLANE), torch.rot90(target, turns, AXIAL_PLANE)
+
+
 def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: int, rank: int):
     """This process's batch of `step`: images (B, 1, s, s, s), targets (B, C, s, s, s), annotated (B, C)."""
     draw = _step_generator(config.seed, step, rank, 0)
@@ -118,10 +132,7 @@ def _draw_batch(config: PretrainConfig, cache: _VolumeCache, crop: int, step: in
         for start in volume.sampler.sample(crop, config.crops_per_volume, config.positive_fraction, draw):
             image = _cut(volume.image, start, crop)
             target = _cut(volume.label, start, crop) == ids  # (C, s, s, s)
-            if float(torch.rand((), generator=augment)) < config.rot90_prob:
-                turns = int(torch.randint(1, 4, (1,), generator=augment))
-                plane = [(1, 2), (1, 3), (2, 3)][int(torch.randint(3, (1,), generator=augment))]
-                image, target = torch.rot90(image, turns, plane), torch.rot90(target, turns, plane)
+            image, target = random_axial_rot90(image, target, config.rot90_prob, augment)
             if float(torch.rand((), generator=augment)) < config.intensity_shift_prob:
                 image = image + (2 * float(torch.rand((), generator=augment)) - 1) * config.intensity_shift
             images.append(image)
