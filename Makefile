@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 benchmark: $(STAMP)
 	mkdir -p benchmarks/results
+	$(PY) benchmarks/profile_predict.py --json benchmarks/results/profile-predict.json
 	$(PY) benchmarks/predict.py --json benchmarks/results/predict.json
 	$(PY) benchmarks/adapt.py --json benchmarks/results/adapt.json
 

@@ -263,7 +263,7 @@ class SegmentationPredictor:
                     else:
                         parts[index] = output if head.channels is None else output[:, list(head.channels)]
                 del features, computed
-            logits = torch.cat(parts, dim=1).float()
+            logits = torch.cat(parts, dim=1).float().contiguous()  # MONAI blends into a contiguous buffer
             on_window(windows.shape[0])
             return logits
 

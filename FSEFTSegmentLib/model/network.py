@@ -80,7 +80,7 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
         slices = x.permute(0, 2, 3, 4, 1).reshape(n, depth, -1, c)  # (N, D, H*W, C): no copy
         count = depth * slices.shape[2]
         mean = slices.sum(2, dtype=torch.float32).double().sum(1) / count
-        mean_square = slices.square().sum(2, dtype=torch.float32).double().sum(1) / count
+        mean_square = torch.linalg.vector_norm(slices, dim=2, dtype=torch.float32).double().square().sum(1) / count
         scale = torch.rsqrt((mean_square - mean.square()).clamp_min(0) + self.eps)
         shift = -mean * scale
         if self.affine:
