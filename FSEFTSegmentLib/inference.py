@@ -301,6 +301,8 @@ class SegmentationPredictor:
     def maps(self, logits: torch.Tensor, heads: Sequence[nn.Module | Head | AdaptedModel]) -> torch.Tensor:
         """`logits`' structure maps (S, X, Y, Z) in the heads' order (see `structure_maps`)."""
         heads = [_as_head(head) for head in heads]
+        if not any(head.softmax for head in heads):  # one logits channel per structure
+            return structure_maps(logits)
         blocks, start, first_block = [], 0, {}
         for head in heads:
             if head.softmax and id(head.module) in first_block:
