@@ -207,7 +207,7 @@ def run_adaptation(
 
     started = time.monotonic()
     cases = [p.case for p in prepared]
-    if settings.size_prior and settings.size_prior_mode == "per-query" and len(query_cases) > 1:
+    if settings.adapts_per_query(len(query_cases)):
         episodes = adapt_per_query(build_model, cases, query_cases, settings, device, progress, should_stop, names)
         trained = [(model, result, [path], case.id) for (model, result), path, case in zip(episodes, queries, query_cases)]
     else:

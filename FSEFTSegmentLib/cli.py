@@ -152,16 +152,6 @@ def cmd_adapt(args) -> int:
     targets = [parse_target(text) for text in args.structure or []]
     supports = [parse_support(image, labels) for image, labels in args.support or []]
     out = Path(args.out)
-    episodes = args.size_prior and args.size_prior_mode == "per-query" and len(args.query or []) > 1
-    for folder in [out.parent / f"{out.name}-{default_id(q)}" for q in args.query] if episodes else [out]:
-        if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "adapter.json").exists())):
-            raise InputError("exists and is not an adapter folder; choose a new --out", folder)
-    ensure_folder(out.parent)  # before minutes of training, not after
-    device = choose_device(args.device)
-    args.model = args.model or default_model()
-    progress.info(f"loading model {args.model}")
-    network = load_foundation_model(args.model)
-    base = {"name": str(args.model), "sha256": model_sha256(args.model), "architecture": network.architecture.to_dict()}
     settings = TrainingSettings(
         max_epochs=args.max_epochs,
         seed=args.seed,
@@ -174,13 +164,27 @@ def cmd_adapt(args) -> int:
         **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
         **({"crops_per_step": args.crops_per_step} if args.crops_per_step else {}),
     )
+
+    def adapter_path(query_id: str | None) -> Path:  # one adapter, or one per query (episodes): OUT-<query id> beside OUT
+        return out.parent / f"{out.name}-{query_id}" if query_id else out
+
+    queries = args.query or []
+    for folder in [adapter_path(default_id(q)) for q in queries] if settings.adapts_per_query(len(queries)) else [out]:
+        if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / "adapter.json").exists())):
+            raise InputError("exists and is not an adapter folder; choose a new --out", folder)
+    ensure_folder(out.parent)  # before minutes of training, not after
+    device = choose_device(args.device)
+    args.model = args.model or default_model()
+    progress.info(f"loading model {args.model}")
+    network = load_foundation_model(args.model)
+    base = {"name": str(args.model), "sha256": model_sha256(args.model), "architecture": network.architecture.to_dict()}
     runs = run_adaptation(
-        network, base, args.method, targets, supports, [Path(q) for q in args.query or []],
+        network, base, args.method, targets, supports, [Path(q) for q in queries],
         settings, device, progress, tune_decoder=args.tune_decoder, softmax=args.head == "softmax",
     )
     saved = []
-    for run in runs:  # one adapter, or one per query (episodes): OUT-<query id> beside OUT
-        folder = out.parent / f"{out.name}-{run.query}" if run.query else out
+    for run in runs:
+        folder = adapter_path(run.query)
         try:
             saved.append(save_adapter(folder, run.model, run.metadata))
         except OSError as error:
@@ -194,8 +198,8 @@ def cmd_adapt(args) -> int:
         from .prediction import predict_with_adapters
 
         for path, run in zip(saved, runs):
-            queries = [q for q in args.query if default_id(q) == run.query] if run.query else args.query
-            predict_with_adapters(network_ref=args.model, adapters=[path], inputs=queries, out=path / "predictions", device=device, progress=progress)
+            inputs = [q for q in queries if default_id(q) == run.query] if run.query else queries
+            predict_with_adapters(network_ref=args.model, adapters=[path], inputs=inputs, out=path / "predictions", device=device, progress=progress)
     for path in saved:
         progress.emit("adapter", path=str(path), message=f"adapter written to {path}")
     return 0

@@ -229,11 +229,11 @@ class SegmentationPredictor:
     def _heads(self, heads: Sequence[nn.Module | Head | AdaptedModel]) -> list[Head]:
         """Every head as a `Head` with its network, the modules on the compute device and in eval mode."""
         resolved = []
+        layout = torch.channels_last_3d if self.settings.use_channels_last(self.device) else torch.contiguous_format
         for head in map(_as_head, heads):
             network = self.network if head.network is None else head.network
             if network.architecture != self.network.architecture:
                 raise ValueError("every head's network must share the base network's architecture (same preprocessing and windows)")
-            layout = torch.channels_last_3d if self.settings.use_channels_last(self.device) else torch.contiguous_format
             network.eval().to(self.device, memory_format=layout)
             resolved.append(Head(head.module.to(self.device, memory_format=layout).eval(), network, head.channels, head.softmax))
         return resolved

@@ -120,6 +120,10 @@ class TrainingSettings:
     precision: str = "auto"
     channels_last: bool | None = None  # None: channels-last 3D for cached head steps
 
+    def adapts_per_query(self, queries: int) -> bool:
+        """Whether `queries` query volumes mean one adaptation each (`adapt_per_query`), not one for all."""
+        return self.size_prior and self.size_prior_mode == "per-query" and queries > 1
+
 
 @dataclass
 class TrainingResult:
@@ -158,6 +162,11 @@ def learning_rate_for(model: AdaptedModel, settings: TrainingSettings) -> float:
         return float(settings.learning_rate)
     method = model.method
     return float(method.learning_rate_with_decoder if model.tune_decoder else method.learning_rate)
+
+
+def trains_on_cache(model: AdaptedModel, settings: TrainingSettings) -> bool:
+    """Whether the steps read cached frozen features: whenever the backbone is frozen, unless switched off."""
+    return model.backbone_frozen if settings.feature_cache is None else bool(settings.feature_cache)
 
 
 def epochs_for(model: AdaptedModel, settings: TrainingSettings) -> int:
@@ -352,7 +361,7 @@ def adapt(
     architecture = network.architecture
     crop = settings.crop_size or architecture.patch_size
     frozen = model.backbone_frozen
-    cached = frozen if settings.feature_cache is None else bool(settings.feature_cache)
+    cached = trains_on_cache(model, settings)
     outputs = model.structure_count
     _validate(model, supports, queries, settings, crop, frozen, cached, outputs)
     if structure_names and len(structure_names) != outputs:
@@ -360,6 +369,7 @@ def adapt(
 
     lr = learning_rate_for(model, settings)
     epochs = epochs_for(model, settings)
+    weight_decay = weight_decay_for(model, settings)
     step_dtype = step_autocast_dtype(device, settings.precision, cached)
     channels_last = cached if settings.channels_last is None else settings.channels_last
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -389,7 +399,7 @@ def adapt(
             _cache_features(model, prepared, queries, query_states, settings, device, cached, progress, should_stop)
 
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay_for(model, settings))
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
         warm = max(settings.warmup_epochs, 0)
         factor = settings.warmup_start_factor if settings.warmup_start_factor is not None else 1.0 / max(warm, 1)
         scheduler = WarmupCosineSchedule(
@@ -543,7 +553,7 @@ def adapt(
             seconds=round(time.monotonic() - started, 3),
             learning_rate=lr,
             max_epochs=epochs,
-            weight_decay=weight_decay_for(model, settings),
+            weight_decay=weight_decay,
             step_precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[step_dtype],
             feature_cache=cached,
             size_prior=size_prior,
@@ -575,7 +585,7 @@ def adapt_per_query(
     query's own features are computed in its episode)."""
     progress = progress or Progress()
     first = build_model()
-    cached = first.backbone_frozen if settings.feature_cache is None else bool(settings.feature_cache)
+    cached = trains_on_cache(first, settings)
     owned: list[FeatureCache] = []
     try:
         if cached:

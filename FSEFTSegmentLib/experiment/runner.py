@@ -300,7 +300,7 @@ def execute(run: RunSpec, store: CaseStore, progress: Progress) -> dict:
             supports = [store.labelled(task, case_id) for case_id in run.supports]
             cases = [TrainingCase(c.id, c.volume, c.label, features=store.features(c.id) if black_box else None) for c in supports]
             queries = [TrainingCase(c.id, c.volume, features=store.features(c.id)) for c in tests] if spec.size_prior else []
-        if spec.method and spec.size_prior and settings.size_prior_mode == "per-query":  # one episode per test case
+        if spec.method and settings.adapts_per_query(len(tests)):  # one episode per test case
             episodes = adapt_per_query(build_model, cases, queries, settings, device, progress, structure_names=names)
             models = {test.id: model for test, (model, _) in zip(tests, episodes)}
             results = [result for _, result in episodes]
@@ -318,7 +318,8 @@ def execute(run: RunSpec, store: CaseStore, progress: Progress) -> dict:
             else:
                 predictor = SegmentationPredictor(model.network, device, InferenceSettings(
                     sw_batch_size=settings.sw_batch_size, overlap=settings.overlap, precision=settings.precision))
-                maps = predictor.maps(predictor.logits(test.volume, [Head.of(model)], study=test.id), [Head.of(model)])
+                heads = [Head.of(model)]
+                maps = predictor.maps(predictor.logits(test.volume, heads, study=test.id), heads)
             scores[test.id] = score_case(maps, store, task, test.id)
     finished = time.monotonic()
     return {
